@@ -1,0 +1,1 @@
+"""zit-trainer's engine: Z-Image-Turbo LoRA tools and training. Knows nothing of ComfyUI."""
