@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ZitError
 from .spec import ZIT, ModuleKey, ZitSpec, diffusers_name
 
 
-class LoraError(ValueError):
+class LoraError(ZitError):
     """A LoRA file or request we refuse; the message names the file, the key and the problem."""
 
 
