@@ -25,11 +25,12 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from ..errors import ZitError
 from .canonical import Lora, LoraModule
 from .spec import ATTENTION, BASE, COMPONENTS, FFN, MAIN_BLOCKS, REFINER_BLOCKS, VECTOR_BLOCKS, ModuleKey
 
 
-class BlockWeightError(ValueError):
+class BlockWeightError(ZitError):
     """A block-weight or component text we refuse; the message quotes the offending token."""
 
 
