@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -167,8 +167,7 @@ def test_exif_orientation_swaps_size(tmp_path: Path) -> None:
 @settings(max_examples=30, deadline=None)
 @given(st.integers(4, 80).map(lambda k: 16 * k), st.sampled_from([16, 32, 64]), st.floats(1.0, 4.0))
 def test_bucket_properties(resolution: int, step: int, max_aspect: float) -> None:
-    if resolution < step:
-        return
+    assume(resolution >= step)
     buckets = D.make_buckets(resolution, step, max_aspect)
     assert buckets == D.make_buckets(resolution, step, max_aspect)
     assert buckets, "at least the near-square bucket"
@@ -378,6 +377,8 @@ def test_cache_miss_then_hit_and_batches(tmp_path: Path) -> None:
     assert batch.latents.shape == (1, 4, batch.bucket[1] // 8, batch.bucket[0] // 8)
     assert batch.captions == ["beta"] and batch.paths[0].name == "b.png"
     assert batch.text_embeds[0].shape == (5, 8)
+    with pytest.raises(ValueError, match="mixes buckets"):
+        warm.load_batch(D.BatchPlan(0, 0, (0, 1), (False, False)))
 
 
 def test_lazy_encoder_builds_once_on_first_call() -> None:

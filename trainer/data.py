@@ -615,6 +615,8 @@ class CachedDataset:
     def load_batch(self, plan: BatchPlan) -> Batch:
         """Read a planned batch; captions the plan drops get the empty-caption embedding and caption ""."""
         entries = [self.entries[i] for i in plan.indices]
+        if len({entry.sample.bucket for entry in entries}) != 1:
+            raise ValueError(f"batch plan {plan.indices} is empty or mixes buckets")
         dropped = list(zip(entries, plan.drop_caption, strict=True))
         return Batch(
             latents=torch.stack([load_file(entry.latent_file)["latent"] for entry in entries]),
