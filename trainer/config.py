@@ -319,8 +319,8 @@ def _show(value: Any) -> str:
     """A value as it would be written in TOML (for error messages)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):  # a JSON string is a TOML basic string once DEL is escaped too
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     if isinstance(value, dict):
@@ -333,6 +333,7 @@ def _num(x: float) -> str:
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
 
 def _coerce_scalar(kind: type, value: Any) -> tuple[Any, str | None]:
@@ -377,7 +378,7 @@ def _rule_error(spec: FieldSpec, value: Any) -> str | None:
 
 def _check_tuple(spec: FieldSpec, value: Any) -> tuple[Any, str | None]:
     if not isinstance(value, (list, tuple)):
-        return None, f"must be a list of {_KIND_NAMES[spec.item]}s"
+        return None, f"must be a list of {_PLURALS[spec.item]}"
     if spec.length is not None and len(value) != spec.length:
         return None, f"must have exactly {spec.length} items"
     if len(value) < spec.min_len:
