@@ -52,6 +52,14 @@ def test_captions_trigger_and_single_caption(tmp_path: Path) -> None:
     assert got == {"a.png": "zxq, a red square", "b.jpg": "zxq, a green square"}
     got = {r.path.name: r.caption for r in scan(tmp_path, caption="photo", trigger="zxq").images}
     assert got == {"a.png": "zxq, photo", "b.jpg": "zxq, photo"}
+    got = {r.path.name: r.caption for r in scan(tmp_path, caption="", trigger="").images}
+    assert got == {"a.png": "a red square", "b.jpg": "a green square"}
+
+
+def test_caption_extension(tmp_path: Path) -> None:
+    make_pair(tmp_path, "a", (64, 64), "from txt")
+    (tmp_path / "a.caption").write_text("from caption file")
+    assert scan(tmp_path, caption_ext=".caption").images[0].caption == "from caption file"
 
 
 def test_missing_caption_policies(tmp_path: Path) -> None:

@@ -177,9 +177,9 @@ def compose_caption(caption: str, trigger: str | None) -> str:
     return ", ".join(parts)
 
 
-def read_caption(image_path: Path) -> tuple[str | None, str | None]:
-    """The caption from the image's same-name ``.txt`` file, or (None, the reason it has none)."""
-    txt = image_path.with_suffix(".txt")
+def read_caption(image_path: Path, caption_ext: str = ".txt") -> tuple[str | None, str | None]:
+    """The caption from the image's same-name caption file, or (None, the reason it has none)."""
+    txt = image_path.with_suffix(caption_ext)
     if not txt.is_file():
         return None, f"no caption file {txt.name}"
     try:
@@ -233,12 +233,12 @@ def _validate_scan_options(missing_caption: str, bad_image: str, min_side: int) 
 
 
 def _caption_for(
-    path: Path, caption: str | None, trigger: str | None, missing_caption: str
+    path: Path, caption: str | None, trigger: str | None, missing_caption: str, caption_ext: str
 ) -> tuple[str | None, DatasetIssue | None]:
     """The final caption of an image (None: skip it) and the issue to report, if any."""
-    if caption is not None:
+    if caption:
         return compose_caption(caption, trigger), None
-    text, problem = read_caption(path)
+    text, problem = read_caption(path, caption_ext)
     if text is not None:
         return compose_caption(text, trigger), None
     if missing_caption == "trigger":
@@ -255,10 +255,11 @@ def scan_images(
     missing_caption: str = "error",
     bad_image: str = "skip",
     min_side: int = 256,
+    caption_ext: str = ".txt",
 ) -> tuple[list[ImageRecord], list[DatasetIssue]]:
     """Verify every image and caption of a folder; returns the usable images and all issues found.
 
-    ``caption`` (when given) is used for every image and the .txt files are ignored; ``trigger`` is
+    ``caption`` (when not empty) is used for every image and caption files are ignored; ``trigger`` is
     prepended to every caption. ``missing_caption``: "error" raises, "skip" drops the image, "trigger"
     trains it on the trigger word alone. ``bad_image`` (unreadable, corrupt, truncated, or shorter side
     below ``min_side``): "skip" drops it, "error" raises. Raised errors list every issue; skipped ones
@@ -275,7 +276,7 @@ def scan_images(
     issues: list[DatasetIssue] = []
     fatal: list[DatasetIssue] = []
     for path, (info, problem) in zip(paths, checks, strict=True):
-        text, caption_issue = _caption_for(path, caption, trigger, missing_caption)
+        text, caption_issue = _caption_for(path, caption, trigger, missing_caption, caption_ext)
         if problem is not None:
             issues.append(DatasetIssue(path, problem))
             if bad_image == "error":
@@ -330,6 +331,7 @@ def load_dataset(
     missing_caption: str = "error",
     bad_image: str = "skip",
     min_side: int = 256,
+    caption_ext: str = ".txt",
     bucket_step: int = 64,
     max_aspect: float = 3.0,
     allow_upscale: bool = False,
@@ -346,6 +348,7 @@ def load_dataset(
         missing_caption=missing_caption,
         bad_image=bad_image,
         min_side=min_side,
+        caption_ext=caption_ext,
     )
     samples = [sample for image in images for sample in samples_for(image, tables, allow_upscale)]
     return Dataset(Path(folder), images, samples, issues)

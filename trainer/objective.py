@@ -84,7 +84,8 @@ def sample_turbo_anchored(
     return _clamp(table[index] + offset)
 
 
-TIMESTEP_SAMPLERS = ("uniform", "shifted", "logit_normal", "turbo_anchored")
+TIMESTEP_SAMPLERS = ("uniform", "shift", "logit_normal", "turbo")
+"""Names accepted by ``sample_sigmas`` (the config's ``objective.timesteps`` choices)."""
 
 
 def sample_sigmas(
@@ -100,11 +101,11 @@ def sample_sigmas(
     """Draw sigmas with the sampler named ``kind`` (one of TIMESTEP_SAMPLERS), ignoring unused options."""
     if kind == "uniform":
         return sample_uniform(batch, generator)
-    if kind == "shifted":
+    if kind == "shift":
         return sample_shifted(batch, shift, generator)
     if kind == "logit_normal":
         return sample_logit_normal(batch, mean, std, generator)
-    if kind == "turbo_anchored":
+    if kind == "turbo":
         return sample_turbo_anchored(batch, jitter, generator)
     raise ValueError(f"unknown timestep sampler {kind!r}; choose one of {', '.join(TIMESTEP_SAMPLERS)}")
 
