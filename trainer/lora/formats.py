@@ -363,8 +363,6 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             return {k: f.get_tensor(k) for k in f.keys()}, metadata
     except FileNotFoundError as e:
         raise LoraError(f"{path}: no such file") from e
-    except IsADirectoryError as e:
-        raise LoraError(f"{path}: is a directory, not a .safetensors file") from e
     except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise LoraError(f"{path}: not a readable .safetensors file (truncated or another format): {e}") from e
 
@@ -372,7 +370,9 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def read_lora(path: str | os.PathLike, dialect: str | None = None, spec: ZitSpec | None = None) -> Lora:
     """Read a ZIT LoRA .safetensors file (or a peft folder) of any dialect into the canonical form."""
     path = Path(path)
-    if path.is_dir() and (path / "adapter_model.safetensors").is_file():
+    if path.is_dir():
+        if not (path / "adapter_model.safetensors").is_file():
+            raise LoraError(f"{path}: is a directory without an adapter_model.safetensors, not a LoRA file")
         path = path / "adapter_model.safetensors"
     sd, metadata = _load(path)
     peft_config = None
