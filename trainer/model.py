@@ -6,6 +6,7 @@ import json
 import math
 import re
 import struct
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,11 +35,12 @@ class ModelLoadError(ValueError):
     """A model file or folder we refuse; the message says which file and why."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Safetensors headers and what a file is
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 _BF16_HINT = "use the bf16 file (z_image_turbo_bf16.safetensors)"
+_GGUF = f"GGUF checkpoints are not supported for training; {_BF16_HINT}"
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -58,7 +60,7 @@ def read_header(path: PathLike) -> dict[str, TensorInfo]:
     with open(path, "rb") as f:
         head = f.read(8)
         if head[:4] == b"GGUF":
-            raise ModelLoadError(f"{path.name}: GGUF checkpoints are not supported for training; {_BF16_HINT}")
+            raise ModelLoadError(f"{path.name}: {_GGUF}")
         size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         if not 0 < size < _MAX_HEADER:
             raise ModelLoadError(f"{path.name}: not a safetensors file")
@@ -95,7 +97,7 @@ def _quantization(infos: dict[str, TensorInfo]) -> str | None:
 def _looks_like(keys: set[str]) -> str:
     """A short description of what a non-Z-Image checkpoint looks like."""
     if any(k.endswith(".alpha") or any(m in k for m in _LORA_MARKERS) for k in keys):
-        return "this is a LoRA, not a base model; load the Z-Image-Turbo transformer here and the LoRA separately"
+        return "this is a LoRA, not a base model; load the Z-Image-Turbo transformer and the LoRA separately"
     if any("double_blocks." in k or "single_transformer_blocks." in k for k in keys):
         return "it looks like a Flux transformer (double_blocks), not Z-Image"
     if any(k.startswith(("encoder.down", "decoder.up", "first_stage_model.", "vae.")) for k in keys):
@@ -107,7 +109,7 @@ def _looks_like(keys: set[str]) -> str:
     if any(re.match(r"(.*\.)?blocks\.\d+\.self_attn\.", k) for k in keys):
         return "it looks like a Wan video transformer (blocks.N.self_attn), not Z-Image"
     sample = ", ".join(sorted(keys)[:5])
-    return f"no Z-Image transformer weights found (expected layers.N.attention.qkv or to_q); first keys: {sample}"
+    return f"no Z-Image transformer weights (layers.N.attention.qkv or to_q) found; first keys: {sample}"
 
 
 def _refuse_non_zit(name: str, infos: dict[str, TensorInfo]) -> None:
@@ -118,15 +120,16 @@ def _refuse_non_zit(name: str, infos: dict[str, TensorInfo]) -> None:
     keys = {_strip_prefix(k) for k in infos}
     if not any(re.fullmatch(r"layers\.\d+\.attention\.(qkv|to_q)\.weight", k) for k in keys):
         raise ModelLoadError(f"{name}: {_looks_like(keys)}")
-    embed = next((infos[k] for k in infos if _strip_prefix(k) in ("x_embedder.weight", "all_x_embedder.2-1.weight")),
-                 None)
-    if embed is not None and embed.shape[0] == 2304:
+    embed_keys = ("x_embedder.weight", "all_x_embedder.2-1.weight")
+    embeds = [infos[k] for k in infos if _strip_prefix(k) in embed_keys]
+    if embeds and embeds[0].shape[0] == 2304:
         raise ModelLoadError(f"{name}: a NextDiT with dim 2304: this is Lumina 2, not Z-Image")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# ComfyUI fused layout <-> diffusers layout (per tensor; mirrors convert_z_image_transformer_checkpoint_to_diffusers)
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# ComfyUI fused layout <-> diffusers layout, per tensor
+# (mirrors diffusers' convert_z_image_transformer_checkpoint_to_diffusers)
+# ----------------------------------------------------------------------------------------------------
 
 _LEADING_RENAMES = (("x_embedder.", "all_x_embedder.2-1."), ("final_layer.", "all_final_layer.2-1."))
 _INNER_RENAMES = (
@@ -139,7 +142,7 @@ _QKV = ".attention.qkv.weight"
 
 
 def diffusers_keys(key: str) -> list[str]:
-    """The diffusers name(s) of a checkpoint key; a fused qkv gives three (q, k, v row chunks), dropped keys none."""
+    """The diffusers name(s) of a checkpoint key: three for a fused qkv (rows q, k, v), none if dropped."""
     key = _strip_prefix(key)
     if key in _DROPPED:
         return []
@@ -157,7 +160,7 @@ def diffusers_keys(key: str) -> list[str]:
 def _convert_tensor(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     names = diffusers_keys(key)
     parts = tensor.chunk(3, dim=0) if len(names) == 3 else (tensor,) * len(names)
-    return list(zip(names, parts))
+    return list(zip(names, parts, strict=True))
 
 
 def _converted_shapes(infos: dict[str, TensorInfo]) -> dict[str, tuple[int, ...]]:
@@ -189,9 +192,9 @@ def to_comfy_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "") -
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Transformer config and construction
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 ZIT_AXES_LENS = [1536, 512, 512]
 
@@ -226,7 +229,7 @@ def _max_index(shapes: Iterable[str], kind: str) -> int:
 
 
 def spec_from_shapes(shapes: dict[str, tuple[int, ...]]) -> ZitSpec:
-    """The ZitSpec of diffusers-named weight shapes (dims from x_embedder, q_norm, cap_embedder; counts from names)."""
+    """The ZitSpec of diffusers-named weight shapes: dims from x_embedder, q_norm and cap_embedder."""
     needed = ("all_x_embedder.2-1.weight", "layers.0.attention.norm_q.weight", "cap_embedder.1.weight")
     missing = [k for k in needed if k not in shapes]
     if missing:
@@ -257,13 +260,13 @@ def _instantiate(config: dict, device: torch.device | str) -> ZImageTransformer2
 
 
 def build_transformer(spec: ZitSpec = ZIT, device: torch.device | str = "meta") -> ZImageTransformer2DModel:
-    """A ZImageTransformer2DModel of this spec: on `meta` (default) it holds no memory, elsewhere default init."""
+    """A ZImageTransformer2DModel of this spec; on `meta` (the default) it holds no memory."""
     return _instantiate(transformer_config(spec), device)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Transformer loading
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 def _names(keys: Sequence[str], limit: int = 8) -> str:
@@ -280,7 +283,7 @@ def _read_diffusers_config(path: Path, class_name: str) -> dict:
 
 
 def _weight_files(folder: Path, stem: str) -> list[Path]:
-    """The safetensors files of a diffusers/transformers folder: the shards of its index, or the single file."""
+    """The safetensors files of a diffusers/transformers folder: its index's shards, or the single file."""
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -302,7 +305,7 @@ def _transformer_source(path: Path) -> tuple[list[Path], dict | None]:
         raise ModelLoadError(f"{path}: file not found")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            raise ModelLoadError(f"{path.name}: GGUF checkpoints are not supported for training; {_BF16_HINT}")
+            raise ModelLoadError(f"{path.name}: {_GGUF}")
         return [path], None
     folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
@@ -336,15 +339,25 @@ def _load_file_into(model: nn.Module, path: Path, dtype: torch.dtype, device: to
     model.load_state_dict(tensors, strict=False, assign=True)
 
 
+def _transformer_checkpoint(path: Path) -> tuple[list[Path], dict | None, dict[str, tuple[int, ...]]]:
+    """Weight files, diffusers config (None for a single file) and diffusers-named shapes of a checkpoint."""
+    files, config = _transformer_source(path)
+    infos = {k: v for f in files for k, v in read_header(f).items()}
+    _refuse_non_zit(path.name, infos)
+    return files, config, _converted_shapes(infos)
+
+
+def checkpoint_spec(path: PathLike) -> ZitSpec:
+    """The ZitSpec of a transformer checkpoint, from headers alone; refuses what load_transformer refuses."""
+    return spec_from_shapes(_transformer_checkpoint(Path(path))[2])
+
+
 def load_transformer(
     path: PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
 ) -> ZImageTransformer2DModel:
     """Load a ZIT transformer (ComfyUI single file or diffusers folder) offline; frozen, eval mode."""
     path = Path(path)
-    files, config = _transformer_source(path)
-    infos = {k: v for f in files for k, v in read_header(f).items()}
-    _refuse_non_zit(path.name, infos)
-    shapes = _converted_shapes(infos)
+    files, config, shapes = _transformer_checkpoint(path)
     model = _instantiate(config or transformer_config(spec_from_shapes(shapes)), "meta")
     _check_shapes(model, shapes, path.name)
     for f in files:
@@ -352,9 +365,9 @@ def load_transformer(
     return model.requires_grad_(False).eval()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Text encoder
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 QWEN3_4B: dict = {
     "vocab_size": 151936,
@@ -396,7 +409,7 @@ class TextEncoder:
         ids = inputs.input_ids.to(device)
         mask = inputs.attention_mask.to(device).bool()
         hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-        return [h[m] for h, m in zip(hidden, mask)]
+        return [h[m] for h, m in zip(hidden, mask, strict=True)]
 
 
 def qwen3_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Qwen3Config:
@@ -483,9 +496,9 @@ def load_text_encoder(
     return TextEncoder(model.requires_grad_(False).eval(), _load_tokenizer(tok_folder))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # VAE
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 FLUX_VAE: dict = {
     "in_channels": 3,
@@ -524,7 +537,7 @@ class Vae:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """ZIT latents (float32) of images in [-1, 1] (B,3,H,W); the mode, or a sample when given a generator."""
+        """ZIT latents (fp32) of images in [-1, 1] (B,3,H,W): the mode, or a sample given a generator."""
         if images.shape[-1] % 16 or images.shape[-2] % 16:
             raise ValueError(f"image sides must be multiples of 16, got {tuple(images.shape[-2:])}")
         x = images.to(device=self.model.device, dtype=self.model.dtype)
@@ -566,7 +579,7 @@ def _strip_vae_prefix(key: str) -> str:
 
 
 def _load_bfl_vae(path: Path, dtype: torch.dtype, device: torch.device | str) -> AutoencoderKL:
-    """AutoencoderKL from a BFL `ae.safetensors` (LDM key layout), converted with diffusers' LDM VAE converter."""
+    """AutoencoderKL from a BFL `ae.safetensors` (LDM key layout), via diffusers' LDM VAE converter."""
     infos = read_header(path)
     reason = _quantization(infos)
     if reason:
@@ -577,7 +590,8 @@ def _load_bfl_vae(path: Path, dtype: torch.dtype, device: torch.device | str) ->
                 if "encoder.down_blocks.0.resnets.0.conv1.weight" in shapes else _looks_like(set(shapes)))
         raise ModelLoadError(f"{path.name}: not a BFL/LDM VAE; {hint}")
     config = vae_config_from_bfl(shapes)
-    state = convert_ldm_vae_checkpoint({_strip_vae_prefix(k): v for k, v in load_file(str(path)).items()}, config)
+    raw = {_strip_vae_prefix(k): v for k, v in load_file(str(path)).items()}
+    state = convert_ldm_vae_checkpoint(raw, config)
     with torch.device("meta"):
         model = AutoencoderKL.from_config(config)
     _check_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, path.name)
@@ -588,7 +602,7 @@ def _load_bfl_vae(path: Path, dtype: torch.dtype, device: torch.device | str) ->
 def _vae_folder(path: Path) -> Path:
     folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"{path}: expected a diffusers folder with a vae/ subfolder, or an ae.safetensors file")
+        raise ModelLoadError(f"{path}: expected a diffusers folder with a vae/ subfolder, or ae.safetensors")
     _read_diffusers_config(folder / "config.json", "AutoencoderKL")
     return folder
 
@@ -602,16 +616,17 @@ def load_vae(path: PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.
         model = _load_bfl_vae(path, dtype, device)
     else:
         folder = _vae_folder(path)
-        model = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True).to(device)
+        model = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        model = model.to(device)
     if model.config.latent_channels != 16:
         raise ModelLoadError(f"{path.name}: this VAE has {model.config.latent_channels} latent channels; "
                              "Z-Image needs the 16-channel Flux VAE (ae.safetensors)")
     return Vae(model.requires_grad_(False).eval())
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Forward
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 def predict_velocity(
@@ -620,7 +635,7 @@ def predict_velocity(
     sigmas: torch.Tensor,
     text_embeds: Sequence[torch.Tensor],
 ) -> torch.Tensor:
-    """Velocity (noise - x0) at noise levels `sigmas` for latents (B,C,H,W): the pipeline's negated output, fp32."""
+    """Velocity (noise - x0) at noise levels `sigmas` of latents (B,C,H,W): the negated model output, fp32."""
     if len(text_embeds) != latents.shape[0] or sigmas.shape != (latents.shape[0],):
         raise ValueError(f"batch mismatch: latents {tuple(latents.shape)}, sigmas {tuple(sigmas.shape)}, "
                          f"{len(text_embeds)} text embeddings")
@@ -631,9 +646,9 @@ def predict_velocity(
     return -torch.stack(out).squeeze(2).float()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # LoRA with peft
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 _ATTN = r"attention\.(?:to_q|to_k|to_v|to_out\.0)"
 _FFN = r"feed_forward\.w[123]"
@@ -707,10 +722,12 @@ def _apply_adapter_state(model: nn.Module) -> None:
                 p.requires_grad_(state.trainable)
 
 
-def _add_adapter(model: ZImageTransformer2DModel, config: LoraConfig, name: str, state: _AdapterState) -> None:
+def _add_adapter(model: nn.Module, config: LoraConfig, name: str, state: _AdapterState) -> None:
     if name in _adapters(model):
         raise LoraError(f"the model already has an adapter named {name!r}")
-    model.add_adapter(config, adapter_name=name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Already found a `peft_config` attribute", UserWarning)
+        model.add_adapter(config, adapter_name=name)
     _adapters(model)[name] = state
     _apply_adapter_state(model)
 
@@ -738,7 +755,9 @@ def _configured_scale(layer: LoraLayer, name: str) -> float:
     return layer.lora_alpha[name] / (math.sqrt(r) if layer.use_rslora.get(name, False) else r)
 
 
-def lora_from_peft(model: ZImageTransformer2DModel, adapter_name: str = "zit", spec: ZitSpec | None = None) -> Lora:
+def lora_from_peft(
+    model: ZImageTransformer2DModel, adapter_name: str = "zit", spec: ZitSpec | None = None
+) -> Lora:
     """The canonical float32 Lora of one peft adapter (alpha/r folded into B; strength not applied)."""
     spec = spec or model_spec(model)
     keys = {diffusers_name(k): k for k in spec.module_keys()}
@@ -766,8 +785,9 @@ def _check_fits(model: nn.Module, lora: Lora) -> dict[str, LoraModule]:
         except AttributeError:
             raise LoraError(f"LoRA module {name} does not exist in this transformer") from None
         if tuple(linear.weight.shape) != (module.b.shape[0], module.a.shape[1]):
-            raise LoraError(f"LoRA module {name}: dW is {module.b.shape[0]}x{module.a.shape[1]} but the weight is "
-                            f"{linear.weight.shape[0]}x{linear.weight.shape[1]}")
+            out_f, in_f = linear.weight.shape
+            raise LoraError(f"LoRA module {name}: dW is {module.b.shape[0]}x{module.a.shape[1]} but the "
+                            f"weight is {out_f}x{in_f}")
         by_name[name] = module
     return by_name
 

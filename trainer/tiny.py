@@ -52,7 +52,7 @@ def tiny_qwen_config(vocab_size: int) -> Qwen3Config:
 
 
 def _randomize_constants(model: nn.Module, gen: torch.Generator) -> None:
-    """Give constant-initialised parameters (norm weights, pad tokens, biases of zeros) seeded random values."""
+    """Give constant-initialised parameters (norm weights, pad tokens, zero biases) seeded random values."""
     with torch.no_grad():
         for p in model.parameters():
             flat = p.detach().flatten()
@@ -143,7 +143,7 @@ class TinyCheckpoints:
 def tiny_pipeline(seed: int = 0) -> ZImagePipeline:
     """A ZImagePipeline assembled from the tiny models (ZIT's shift-3 Euler scheduler)."""
     te = tiny_text_encoder(seed)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = ZImagePipeline(scheduler=scheduler, vae=tiny_vae(seed).model, text_encoder=te.model,
                           tokenizer=te.tokenizer, transformer=tiny_transformer(seed))
     pipe.set_progress_bar_config(disable=True)
@@ -151,12 +151,16 @@ def tiny_pipeline(seed: int = 0) -> ZImagePipeline:
 
 
 def save_tiny_checkpoints(directory: str | Path, seed: int = 0) -> TinyCheckpoints:
-    """Write the tiny models (float32) in the layouts the loaders read: single files and a diffusers folder."""
+    """Write the tiny models (fp32) in the layouts the loaders read: single files and a diffusers folder."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pipe = tiny_pipeline(seed)
-    paths = TinyCheckpoints(directory / "z_image_turbo_tiny.safetensors", directory / "qwen_3_tiny.safetensors",
-                            directory / "ae_tiny.safetensors", directory / "diffusers")
+    paths = TinyCheckpoints(
+        transformer_file=directory / "z_image_turbo_tiny.safetensors",
+        text_encoder_file=directory / "qwen_3_tiny.safetensors",
+        vae_file=directory / "ae_tiny.safetensors",
+        diffusers_dir=directory / "diffusers",
+    )
     save_file(to_comfy_state_dict(pipe.transformer.state_dict()), paths.transformer_file)
     save_file({f"model.{k}": v.contiguous() for k, v in pipe.text_encoder.state_dict().items()},
               paths.text_encoder_file)
