@@ -396,15 +396,15 @@ def _restore(label: str, obj: Stateful | None, state: dict[str, Any] | None, pat
 def load_training_state(
     path: str | os.PathLike, objects: TrainingObjects, restore_rng: bool = True
 ) -> ResumeInfo:
-    """Restore params, optimizer, scheduler, EMA, sampler and RNG streams from a state folder."""
+    """Restore params, optimizer, scheduler, EMA, sampler and RNG streams from a state folder.
+
+    Build the optimizer and scheduler first (a LambdaLR's constructor rewrites the lr), then load.
+    """
     path = Path(path)
     payload = _read_state(path)
     _restore_params(path, objects.params)
     _restore("optimizer", objects.optimizer, payload["optimizer"], path)
     _restore("scheduler", objects.scheduler, payload["scheduler"], path)
-    if objects.scheduler is not None and payload["scheduler"] is not None:
-        for group, lr in zip(objects.optimizer.param_groups, objects.scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr  # LambdaLR's constructor may have overwritten it after the optimizer was loaded
     _restore("EMA", objects.ema, payload["ema"], path)
     _restore("sampler", objects.sampler, payload["sampler"], path)
     if restore_rng:
