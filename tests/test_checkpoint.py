@@ -367,3 +367,15 @@ def test_killed_process_leaves_previous_checkpoint_loadable(tmp_path: Path) -> N
     )
     assert torch.equal(p.detach(), torch.ones(3))
     assert clean_stale_temps(tmp_path) == [tmp_path / leftovers[0]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_stream_is_restored(tmp_path: Path) -> None:
+    torch.cuda.manual_seed_all(4)
+    torch.rand(1, device="cuda")  # initialises CUDA so its state is saved
+    obj = TrainingObjects(params={}, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+    save_training_state(tmp_path / "s", obj, step=0)
+    first = torch.rand(4, device="cuda").cpu()
+    torch.cuda.manual_seed_all(99)
+    load_training_state(tmp_path / "s", obj)
+    assert torch.equal(torch.rand(4, device="cuda").cpu(), first)
