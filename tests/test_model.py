@@ -120,6 +120,10 @@ def test_load_comfy_single_file_gives_the_source_weights(ckpt, source):
     public = lambda m: {k: v for k, v in dict(m.config).items() if not k.startswith("_")}  # noqa: E731
     assert public(model) == public(source)
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    attention = model.layers[0].attention
+    pointers = {w.untyped_storage().data_ptr() for w in (attention.to_q.weight, attention.to_k.weight,
+                                                          attention.to_v.weight)}
+    assert len(pointers) == 3
 
 
 @pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model."])
@@ -276,6 +280,24 @@ def test_text_encoder_loads_from_folder_and_single_file(ckpt):
         M.load_text_encoder(ckpt.text_encoder_file)
     with pytest.raises(M.ModelLoadError, match="not a Qwen3 text encoder"):
         M.load_text_encoder(ckpt.vae_file, tokenizer=ckpt.diffusers_dir / "tokenizer")
+
+
+def test_full_size_text_encoder_and_vae_configs_from_shapes():
+    with torch.device("meta"):
+        qwen = M.Qwen3Model(M.Qwen3Config(**M.QWEN3_4B))
+        flux_vae = AutoencoderKL.from_config(M.FLUX_VAE)
+    config = M.qwen3_config_from_shapes({k: tuple(v.shape) for k, v in qwen.state_dict().items()})
+    assert all(getattr(config, k) == v for k, v in M.QWEN3_4B.items() if k != "rope_theta")
+    assert config.rope_parameters["rope_theta"] == M.QWEN3_4B["rope_theta"]
+    bfl = vae_to_bfl(flux_vae.state_dict(), 4)
+    assert M.vae_config_from_bfl({k: tuple(v.shape) for k, v in bfl.items()}) == M.FLUX_VAE
+
+
+def test_quantized_text_encoder_is_refused(tmp_path, ckpt):
+    shapes = {k: tuple(v.shape) for k, v in load_file(ckpt.text_encoder_file).items()}
+    path = header_file(tmp_path / "qwen_3_4b_fp8_scaled.safetensors", shapes, dtype="F8_E4M3")
+    with pytest.raises(M.ModelLoadError, match=r"fp8 .* use the bf16 file \(qwen_3_4b.safetensors\)"):
+        M.load_text_encoder(path, tokenizer=ckpt.diffusers_dir / "tokenizer")
 
 
 def test_vae_loads_from_folder_and_bfl_file(ckpt):
@@ -539,6 +561,15 @@ def test_adapter_stays_frozen_and_out_of_the_saved_lora(embeds):
     velocity(model, embeds).square().mean().backward()
     assert all(p.grad is None for p in frozen)
     assert model.layers[0].attention.to_q.lora_A["zit"].weight.grad is not None
+
+
+def test_all_adapters_disabled_is_the_frozen_base(embeds):
+    model = trained_model(True)
+    on = velocity(model, embeds)
+    with M.adapters_disabled(model):
+        assert torch.equal(velocity(model, embeds), velocity(tiny_transformer(), embeds))
+    assert torch.equal(velocity(model, embeds), on)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".zit." in n)
 
 
 def test_adapter_disabled_restores_after_an_error(embeds):

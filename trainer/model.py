@@ -9,7 +9,7 @@ import struct
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,6 +41,8 @@ class ModelLoadError(ValueError):
 
 _BF16_HINT = "use the bf16 file (z_image_turbo_bf16.safetensors)"
 _GGUF = f"GGUF checkpoints are not supported for training; {_BF16_HINT}"
+_TE_HINT = "use the bf16 file (qwen_3_4b.safetensors)"
+_VAE_HINT = "use the bf16/fp32 Flux VAE (ae.safetensors)"
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -83,14 +85,14 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def _quantization(infos: dict[str, TensorInfo]) -> str | None:
+def _quantization(infos: dict[str, TensorInfo], hint: str = _BF16_HINT) -> str | None:
     """Why a checkpoint is quantized in a way we cannot train on, or None."""
     if any(i.dtype.startswith("F8") for i in infos.values()) or any(
         k.endswith(("scale_weight", "weight_scale", "scaled_fp8")) for k in infos
     ):
-        return f"fp8 (scaled) checkpoints are not supported for training; {_BF16_HINT}"
+        return f"fp8 (scaled) checkpoints are not supported for training; {hint}"
     if any(k.endswith("qweight") or ".w13." in k for k in infos):
-        return f"a Nunchaku-quantized model (qweight): not supported for training; {_BF16_HINT}"
+        return f"a Nunchaku-quantized model (qweight): not supported for training; {hint}"
     return None
 
 
@@ -158,9 +160,11 @@ def diffusers_keys(key: str) -> list[str]:
 
 
 def _convert_tensor(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Diffusers (name, tensor) pairs of one checkpoint tensor; q, k, v get their own storage."""
     names = diffusers_keys(key)
-    parts = tensor.chunk(3, dim=0) if len(names) == 3 else (tensor,) * len(names)
-    return list(zip(names, parts, strict=True))
+    if len(names) == 3:
+        return list(zip(names, (c.clone() for c in tensor.chunk(3, dim=0)), strict=True))
+    return [(n, tensor) for n in names]
 
 
 def _converted_shapes(infos: dict[str, TensorInfo]) -> dict[str, tuple[int, ...]]:
@@ -334,8 +338,7 @@ def _load_file_into(model: nn.Module, path: Path, dtype: torch.dtype, device: to
     tensors = {}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
-            for name, t in _convert_tensor(key, f.get_tensor(key)):
-                tensors[name] = t.to(device=device, dtype=dtype)
+            tensors.update(_convert_tensor(key, f.get_tensor(key).to(device=device, dtype=dtype)))
     model.load_state_dict(tensors, strict=False, assign=True)
 
 
@@ -429,7 +432,7 @@ def qwen3_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Qwen3Config:
 
 
 def _qwen_prefix(path: Path, infos: dict[str, TensorInfo]) -> str:
-    reason = _quantization(infos)
+    reason = _quantization(infos, _TE_HINT)
     if reason:
         raise ModelLoadError(f"{path.name}: {reason}")
     embed = [k for k in infos if k.endswith("embed_tokens.weight")]
@@ -581,7 +584,7 @@ def _strip_vae_prefix(key: str) -> str:
 def _load_bfl_vae(path: Path, dtype: torch.dtype, device: torch.device | str) -> AutoencoderKL:
     """AutoencoderKL from a BFL `ae.safetensors` (LDM key layout), via diffusers' LDM VAE converter."""
     infos = read_header(path)
-    reason = _quantization(infos)
+    reason = _quantization(infos, _VAE_HINT)
     if reason:
         raise ModelLoadError(f"{path.name}: {reason}")
     shapes = {_strip_vae_prefix(k): v.shape for k, v in infos.items()}
@@ -829,11 +832,25 @@ def set_adapter_enabled(model: ZImageTransformer2DModel, name: str, enabled: boo
 
 
 @contextmanager
-def adapter_disabled(model: ZImageTransformer2DModel, name: str = "adapter") -> Iterator[None]:
-    """Within the block, adapter `name` is off (e.g. previews = base + trained LoRA); restored afterwards."""
-    was = _adapters(model)[name].enabled if name in _adapters(model) else True
-    set_adapter_enabled(model, name, False)
+def adapters_disabled(model: ZImageTransformer2DModel, names: Iterable[str] | None = None) -> Iterator[None]:
+    """Within the block the named adapters (default: all, i.e. the frozen base) are off; restored after."""
+    states = _adapters(model)
+    names = list(states) if names is None else list(names)
+    unknown = [n for n in names if n not in states]
+    if unknown:
+        raise LoraError(f"the model has no adapter named {unknown[0]!r}")
+    was = {n: states[n].enabled for n in names}
+    for n in names:
+        states[n].enabled = False
+    _apply_adapter_state(model)
     try:
         yield
     finally:
-        set_adapter_enabled(model, name, was)
+        for n, enabled in was.items():
+            states[n].enabled = enabled
+        _apply_adapter_state(model)
+
+
+def adapter_disabled(model: ZImageTransformer2DModel, name: str = "adapter") -> AbstractContextManager[None]:
+    """Within the block adapter `name` is off (previews = base + trained LoRA); restored afterwards."""
+    return adapters_disabled(model, [name])
