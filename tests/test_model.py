@@ -580,3 +580,17 @@ def test_adapter_disabled_restores_after_an_error(embeds):
     assert torch.equal(velocity(model, embeds), on)
     with pytest.raises(LoraError, match="no adapter named 'missing'"), M.adapter_disabled(model, "missing"):
         pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_stacked_training_step_on_cuda(ckpt, embeds):
+    model = M.load_transformer(ckpt.transformer_file, device="cuda")
+    assert model.dtype == torch.bfloat16 and model.device.type == "cuda"
+    M.inject_lora(model, rank=4, alpha=4, targets="diffsynth")
+    M.attach_frozen_adapter(model, training_adapter())
+    latents = torch.randn(2, 16, 8, 8, device="cuda")
+    sigmas = torch.tensor([0.3, 0.9], device="cuda")
+    v = M.predict_velocity(model, latents, sigmas, [e.cuda() for e in embeds])
+    assert v.dtype == F32 and v.device.type == "cuda"
+    v.square().mean().backward()
+    assert model.layers[0].attention.to_q.lora_A["zit"].weight.grad is not None
