@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Z-Image-Turbo LoRA engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,lora}")
     demo = sub.add_parser("demo", help="run the embedded demo on generated files")
-    demo.add_argument("--out", default="demo_output", help="folder for the demo's files (default: %(default)s)")
+    demo.add_argument("--out", default="demo_output", help="output folder (default: %(default)s)")
     demo.set_defaults(func=_run_demo)
     lora_commands.add_parser(sub)
     return parser

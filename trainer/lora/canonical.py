@@ -1,4 +1,4 @@
-"""The one in-memory form of a ZIT LoRA: per module (block, component), factors A and B with the scale in B."""
+"""The one in-memory form of a ZIT LoRA: per (block, component) module, factors A and B, scale in B."""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from .formats import DIALECTS
 
     lora = sub.add_parser("lora", help="inspect, convert, scale and merge ZIT LoRAs")
-    cmds = lora.add_subparsers(dest="lora_command", required=True, metavar="{inspect,convert,scale,merge,demo}")
+    cmds = lora.add_subparsers(dest="lora_command", required=True,
+                               metavar="{inspect,convert,scale,merge,demo}")
 
     p = cmds.add_parser("inspect", help="norm and effective rank of dW per block and component")
     p.add_argument("file")
@@ -63,7 +64,7 @@ def _add_weight_args(p: argparse.ArgumentParser) -> None:
 
 def _add_output_args(p: argparse.ArgumentParser, dialects: tuple[str, ...]) -> None:
     p.add_argument("--from", dest="dialect", choices=dialects, help="input dialect (default: detect)")
-    p.add_argument("--to", choices=dialects, default="aitoolkit", help="output dialect (default: %(default)s)")
+    p.add_argument("--to", choices=dialects, default="aitoolkit", help="output dialect (default: aitoolkit)")
     p.add_argument("--dtype", choices=DTYPES, help="output dtype (default: keep the input's)")
 
 

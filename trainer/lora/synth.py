@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 
 from .canonical import Lora, LoraModule
-from .spec import ZIT, BASE, ModuleKey, ZitSpec
+from .spec import BASE, ZIT, ModuleKey, ZitSpec
 
 
 def random_lora(

@@ -1,0 +1,371 @@
+"""The training loop: config in, LoRA checkpoints, previews and events out. Runs on any job runner thread."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import TrainingObjects, find_latest_checkpoint, load_training_state, save_checkpoint
+from .config import TrainConfig, config_diff, config_from_dict, config_to_dict
+from .data import LazyEncoder, build_cache, cached_text_embeddings, load_dataset
+from .errors import ZitError
+from .job import JobContext
+from .lora.formats import read_lora, write_lora
+from .model import (
+    adapter_disabled,
+    adapters_disabled,
+    attach_frozen_adapter,
+    inject_lora,
+    load_text_encoder,
+    load_transformer,
+    load_vae,
+    lora_from_peft,
+    model_spec,
+    predict_velocity,
+)
+from .objective import (
+    add_noise,
+    differential_guidance_target,
+    flow_loss,
+    loss_weights,
+    sample_sigmas,
+    velocity_target,
+)
+from .optim import Ema, build_optimizer, build_scheduler
+from .sampling import SamplerSettings, grid, sample_latents, to_pil
+
+log = logging.getLogger(__name__)
+
+TRAINED = "zit"  # peft adapter name of the LoRA being trained
+ADAPTER = "adapter"  # peft adapter name of the frozen training adapter
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TrainingError(ZitError):
+    """Training cannot go on (NaN loss, a missing model part); the last checkpoint stays usable."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run leaves: the final LoRA file, the step reached, the loss history."""
+
+    lora_path: Path | None
+    step: int
+    losses: list[float] = field(default_factory=list)
+    stopped: bool = False
+    previews: list[Path] = field(default_factory=list)
+
+
+def file_identity(path: str | Path) -> str:
+    """A cheap content identity of a weights file or folder: header, size and a 1 MiB sample per file."""
+    path = Path(path)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(size // 2)
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def pick_device() -> torch.device:
+    """CUDA when there is one, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Models:
+    """The transformer the job owns, lazy encoders for the cache, and their identities."""
+
+    transformer: torch.nn.Module
+    encode_image: LazyEncoder
+    encode_text: LazyEncoder
+    base_id: str
+    vae_id: str
+    te_id: str
+    vae_factory: Any
+
+
+def _text_encoder_source(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    path = Path(cfg.model.text_encoder or cfg.model.transformer)
+    if path.is_file():
+        tokenizer = path.parent / "tokenizer"
+        return path, tokenizer if tokenizer.is_dir() else None
+    return path, None
+
+
+def open_models(cfg: TrainConfig, device: torch.device) -> Models:
+    """Load the job's private transformer now; the text encoder and VAE only when the cache needs them."""
+    dtype = DTYPES[cfg.model.dtype]
+    if cfg.model.transformer == "tiny":
+        from .tiny import tiny_text_encoder, tiny_transformer, tiny_vae
+
+        model = tiny_transformer(0).to(device, dtype)
+        te_factory = lambda: _to(tiny_text_encoder(0), device)  # noqa: E731
+        vae_factory = lambda: _to(tiny_vae(0), device)  # noqa: E731
+        ids = ("tiny-0", "tiny-vae-0", "tiny-te-0")
+    else:
+        model = load_transformer(cfg.model.transformer, dtype, device)
+        te_path, tokenizer = _text_encoder_source(cfg)
+        vae_path = Path(cfg.model.vae or cfg.model.transformer)
+        te_factory = lambda: load_text_encoder(te_path, dtype, device, tokenizer=tokenizer)  # noqa: E731
+        vae_factory = lambda: load_vae(vae_path, dtype, device)  # noqa: E731
+        ids = (file_identity(cfg.model.transformer), file_identity(vae_path), file_identity(te_path))
+    return Models(model, LazyEncoder(lambda: _vae_encoder(vae_factory())),
+                  LazyEncoder(lambda: te_factory().encode), *ids, vae_factory)
+
+
+def _to(wrapper, device: torch.device):
+    """Move a TextEncoder / Vae wrapper's model to the device."""
+    wrapper.model.to(device)
+    return wrapper
+
+
+def _vae_encoder(vae):
+    return lambda pixels: vae.encode(pixels.to(next(vae.model.parameters()).device, vae.model.dtype))
+
+
+class Trainer:
+    """One training run: build everything from the config, then `run()` the step loop."""
+
+    def __init__(self, cfg: TrainConfig, ctx: JobContext | None = None, resume: bool | str = False):
+        self.cfg, self.ctx = cfg, ctx
+        self.device = pick_device()
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.losses: list[float] = []
+        self.previews: list[Path] = []
+        self.step = 0
+        self._emit("log", message=f"loading the model on {self.device}")
+        self.models = open_models(cfg, self.device)
+        self.model = self.models.transformer
+        self._prepare_data()
+        self._prepare_lora()
+        self._prepare_optimization()
+        if resume:
+            self._resume(resume)
+
+    # ---- set-up -----------------------------------------------------------------------------------
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        if self.ctx is not None:
+            self.ctx.emit(kind, **data)
+        elif kind == "log":
+            log.info(data.get("message", ""))
+
+    def _progress(self, stage: str, done: int, total: int) -> None:
+        self._emit("cache", stage=stage, done=done, total=total)
+
+    def _prepare_data(self) -> None:
+        d, cache = self.cfg.data, self.cfg.cache_path
+        dataset = load_dataset(d.dataset, d.resolutions, recursive=d.recursive, caption=d.caption or None,
+                               trigger=d.trigger or None, missing_caption=d.missing_caption,
+                               bad_image=d.bad_image, min_side=d.min_side, caption_ext=d.caption_ext)
+        for issue in dataset.issues:
+            self._emit("log", message=f"dataset: skipped {issue.path.name}: {issue.problem}")
+        m = self.models
+        self.data = build_cache(dataset, cache, m.encode_image, m.encode_text, m.vae_id, m.te_id,
+                                progress=self._progress)
+        prompts = list(self.cfg.preview.prompts) + [""]
+        embeds = cached_text_embeddings(prompts, cache, m.encode_text, m.te_id)
+        self.preview_embeds, self.empty_embed = embeds[:-1], embeds[-1]
+        m.encode_image.release()
+        m.encode_text.release()
+        self.sampler = self.data.sampler(d.batch_size, seed=self.cfg.optim.seed, repeats=d.repeats,
+                                         drop_last=d.drop_last, caption_dropout=d.caption_dropout)
+        self._emit("log", message=f"dataset: {len(self.data)} samples, {len(self.sampler)} batches per epoch")
+
+    def _prepare_lora(self) -> None:
+        cfg = self.cfg
+        self.model.requires_grad_(False)
+        targets = cfg.lora.target_regex if cfg.lora.targets == "custom" else cfg.lora.targets
+        inject_lora(self.model, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, adapter_name=TRAINED)
+        self.has_adapter = cfg.turbo.mode != "sft"
+        if self.has_adapter:
+            adapter = read_lora(cfg.turbo.adapter, spec=model_spec(self.model))
+            attach_frozen_adapter(self.model, adapter, cfg.turbo.adapter_strength, name=ADAPTER)
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        for p in self.params.values():
+            p.data = p.data.float()
+        if cfg.model.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.model.train()
+
+    def _prepare_optimization(self) -> None:
+        o = self.cfg.optim
+        params = list(self.params.values())
+        self.optimizer = build_optimizer(params, o, self.device)
+        self.scheduler = build_scheduler(self.optimizer, o)
+        self.ema = Ema(params, o.ema_decay) if o.ema else None
+        self.generator = torch.Generator().manual_seed(o.seed)
+        self.objects = TrainingObjects(self.params, self.optimizer, self.scheduler, self.ema, self.sampler,
+                                       {"noise": self.generator})
+
+    def _resume(self, resume: bool | str) -> None:
+        ckpt = find_latest_checkpoint(self.run_dir, self.cfg.save.name) if resume is True else None
+        state = Path(resume) if isinstance(resume, str) else (ckpt.state if ckpt else None)
+        if state is None:
+            raise TrainingError(f"nothing to resume in {self.run_dir}: no saved training state")
+        info = load_training_state(state, self.objects)
+        self.step = info.step
+        if info.config:
+            for line in config_diff(config_from_dict(info.config, str(state)), self.cfg):
+                self._emit("log", message=f"resume: {line}")
+        self._emit("log", message=f"resumed from {state.name} at step {self.step}")
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def _autocast(self):
+        dtype = DTYPES[self.cfg.model.dtype]
+        if dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _micro_batch_loss(self) -> torch.Tensor:
+        o, batch = self.cfg.objective, self.data.load_batch(self.sampler.next_batch())
+        x0 = batch.latents.to(self.device, torch.float32)
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        sigmas = sample_sigmas(o.timesteps, x0.shape[0], self.generator, shift=o.shift, mean=o.logit_mean,
+                               std=o.logit_std, jitter=o.turbo_jitter).to(self.device)
+        noisy, target = add_noise(x0, noise, sigmas), velocity_target(x0, noise)
+        embeds = [e.to(self.device) for e in batch.text_embeds]
+        with self._autocast():
+            if self.cfg.turbo.dg_scale:
+                with torch.no_grad(), adapters_disabled(self.model, [TRAINED]):
+                    base = predict_velocity(self.model, noisy, sigmas, embeds)
+                target = differential_guidance_target(target, base, self.cfg.turbo.dg_scale)
+            pred = predict_velocity(self.model, noisy, sigmas, embeds)
+        weights = loss_weights(o.weighting, sigmas.cpu()).to(self.device)
+        return flow_loss(pred, target, weights, kind=o.loss, huber_delta=o.huber_delta)
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+        o = self.cfg.optim
+        total = 0.0
+        for _ in range(o.grad_accum):
+            loss = self._micro_batch_loss() / o.grad_accum
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {loss.item()} at step {self.step + 1}: lower optim.lr or "
+                                    "use max_grad_norm; the last checkpoint is intact")
+            loss.backward()
+            total += loss.item()
+        if o.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), o.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
+        return total
+
+    # ---- outputs ----------------------------------------------------------------------------------
+
+    def trained_lora(self):
+        """The LoRA as it would be saved now (EMA weights when EMA is on), in canonical form."""
+        with self.ema.swapped() if self.ema is not None else nullcontext():
+            lora = lora_from_peft(self.model, TRAINED)
+        lora.metadata.update({
+            "zit.trainer": f"zit-trainer {__version__}",
+            "zit.step": str(self.step),
+            "zit.base_model": self.models.base_id,
+            "zit.mode": self.cfg.turbo.mode,
+            "zit.config": json.dumps(config_to_dict(self.cfg)),
+        })
+        return lora
+
+    def _write_lora(self, path: Path) -> None:
+        lora = self.trained_lora()
+        write_lora(lora, path, dialect=self.cfg.lora.save_dialect, dtype=DTYPES[self.cfg.lora.save_dtype])
+
+    def save(self) -> Path:
+        """A step checkpoint (LoRA + training state, atomically) and the run's final-name LoRA."""
+        s = self.cfg.save
+        objects = self.objects if s.state else None
+        ckpt = save_checkpoint(self.run_dir, s.name, self.step, self._write_lora, objects,
+                               config_to_dict(self.cfg), s.keep_last)
+        final = self.run_dir / f"{s.name}.safetensors"
+        self._write_lora(final)
+        self._emit("checkpoint", step=self.step, path=str(ckpt.lora), lora=str(final))
+        return final
+
+    @torch.no_grad()
+    def preview(self, tag: str | None = None) -> Path | None:
+        """Sample the preview prompts exactly as base + LoRA (adapter off), turbo and optionally de-turbo."""
+        p = self.cfg.preview
+        if not p.prompts:
+            return None
+        rows_settings = [SamplerSettings(f"turbo {p.turbo_steps} steps cfg 1", p.turbo_steps, 1.0)]
+        if p.deturbo:
+            rows_settings.append(SamplerSettings(f"de-turbo {p.deturbo_steps} steps cfg {p.deturbo_cfg:g}",
+                                                 p.deturbo_steps, p.deturbo_cfg))
+        vae = self.models.vae_factory()
+        seeds = [p.seed + i for i in range(len(p.prompts))]
+        self.model.eval()
+        with (self.ema.swapped() if self.ema is not None else nullcontext(),
+              adapter_disabled(self.model, ADAPTER) if self.has_adapter else nullcontext(),
+              self._autocast()):
+            rows = []
+            for settings in rows_settings:
+                z = sample_latents(self.model, self.preview_embeds, self.empty_embed, seeds,
+                                   p.width, p.height, settings)
+                rows.append(to_pil(vae.decode(z.to(next(vae.model.parameters()).dtype))))
+        self.model.train()
+        del vae
+        path = self.run_dir / "previews" / f"{tag or f'step{self.step:06d}'}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid(rows).save(path)
+        self.previews.append(path)
+        self._emit("preview", step=self.step, path=str(path), rows=[s.label for s in rows_settings],
+                   prompts=list(p.prompts))
+        return path
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def _stats(self, times: deque) -> dict[str, float]:
+        steps_left = self.cfg.optim.steps - self.step
+        rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+        mem = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else 0.0
+        return {"it_s": rate, "eta_s": steps_left / rate if rate else math.inf, "mem_gb": mem}
+
+    def run(self) -> TrainResult:
+        """Train to optim.steps (or until stopped), saving and previewing on schedule; always saves last."""
+        cfg, times = self.cfg, deque(maxlen=20)
+        if self.step == 0 and cfg.preview.every:
+            self.preview("step000000")
+        times.append(time.perf_counter())
+        stopped = False
+        while self.step < cfg.optim.steps:
+            if self.ctx is not None and self.ctx.stop_requested:
+                stopped = True
+                break
+            loss = self.train_step()
+            self.losses.append(loss)
+            times.append(time.perf_counter())
+            self._emit("progress", step=self.step, steps=cfg.optim.steps, loss=loss,
+                       lr=self.scheduler.get_last_lr()[0], **self._stats(times))
+            if cfg.save.every and self.step % cfg.save.every == 0 and self.step < cfg.optim.steps:
+                self.save()
+            if cfg.preview.every and self.step % cfg.preview.every == 0:
+                self.preview()
+        final = self.save()
+        return TrainResult(final, self.step, self.losses, stopped, self.previews)
+
+
+def train(cfg: TrainConfig, ctx: JobContext | None = None, resume: bool | str = False) -> TrainResult:
+    """Run a whole training job from a validated config (the CLI and the ComfyUI node both call this)."""
+    return Trainer(cfg, ctx, resume).run()
