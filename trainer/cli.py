@@ -13,18 +13,56 @@ def build_parser() -> argparse.ArgumentParser:
     from .lora import commands as lora_commands
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Z-Image-Turbo LoRA engine.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,lora}")
-    demo = sub.add_parser("demo", help="run the embedded demo on generated files")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,config,lora}")
+    demo = sub.add_parser("demo", help="train the tiny built-in model on a generated dataset (CPU, ~1 min)")
     demo.add_argument("--out", default="demo_output", help="output folder (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=120, help="training steps (default: %(default)s)")
     demo.set_defaults(func=_run_demo)
+    train = sub.add_parser("train", help="train a LoRA from a TOML config")
+    train.add_argument("--config", required=True, help="the run's TOML file (see `config`)")
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.set_defaults(func=_run_train)
+    config = sub.add_parser("config", help="print a commented TOML config with every default")
+    config.set_defaults(func=_print_config)
     lora_commands.add_parser(sub)
     return parser
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .lora.demo import run_demo
+    from .demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, args.steps)
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .job import JobRunner
+    from .loop import train
+    from .progress import ProgressPrinter
+
+    cfg = load_config(args.config)
+    runner = JobRunner()
+    runner.subscribe(ProgressPrinter(sys.stderr))
+    job = runner.start("train", lambda ctx: train(cfg, ctx, resume=args.resume))
+    try:
+        while not job.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        print("\nstopping: saving a checkpoint (Ctrl+C again to abort)", file=sys.stderr)
+        job.stop()
+        job.wait()
+    if job.error:
+        print(f"error: {job.error}", file=sys.stderr)
+        return 1
+    print(f"LoRA: {job.result.lora_path} (step {job.result.step})")
+    return 0
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    from .config import TrainConfig, config_to_toml
+
+    print(config_to_toml(TrainConfig()))
     return 0
 
 
