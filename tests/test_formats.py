@@ -560,6 +560,15 @@ def test_write_errors(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_written_file_mode_follows_umask(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = write_lora(sample_lora(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_write_keeps_old_file(tmp_path, monkeypatch):
     path = write_lora(sample_lora(seed=1), tmp_path / "lora.safetensors", "comfy")
     before = path.read_bytes()

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -469,9 +469,14 @@ def write_lora(
     meta = {**meta, **extra}
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        # A new file in the target's directory (same filesystem for os.replace), created by us so that its
+        # mode is 0o666 minus the umask, as open() gives; safetensors may recreate it 0o600, so restore it.
+        name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        tmp = str(name)
+        mode = os.stat(tmp).st_mode & 0o777
         safetensors.torch.save_file(sd, tmp, metadata=meta)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
