@@ -36,6 +36,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import ZitError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -51,7 +53,7 @@ Progress = Callable[[str, int, int], None]
 """progress(stage, done, total), stage being "latents" or "text"."""
 
 
-class DatasetError(ValueError):
+class DatasetError(ZitError):
     """A dataset we refuse to train on; the message lists every problem by file."""
 
     def __init__(self, message: str, issues: Sequence[DatasetIssue] = ()) -> None:

@@ -25,13 +25,14 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
+from .errors import ZitError
 from .lora.canonical import Lora, LoraError, LoraModule
 from .lora.spec import ZIT, ZitSpec, diffusers_name
 
 PathLike = str | Path
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ZitError):
     """A model file or folder we refuse; the message says which file and why."""
 
 
