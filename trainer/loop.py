@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .checkpoint import TrainingObjects, find_latest_checkpoint, load_training_state, save_checkpoint
 from .config import TrainConfig, config_diff, config_from_dict, config_to_dict
-from .data import LazyEncoder, build_cache, cached_text_embeddings, load_dataset
+from .data import Dataset, LazyEncoder, build_cache, cached_text_embeddings, load_dataset
 from .errors import ZitError
 from .job import JobContext
 from .lora.formats import read_lora, write_lora
@@ -150,6 +150,7 @@ class Trainer:
         self.losses: list[float] = []
         self.previews: list[Path] = []
         self.step = 0
+        self.dataset = self._scan_dataset()  # bad data is refused before a 12 GB model is loaded
         self._emit("log", message=f"loading the model on {self.device}")
         self.models = open_models(cfg, self.device)
         self.model = self.models.transformer
@@ -170,15 +171,18 @@ class Trainer:
     def _progress(self, stage: str, done: int, total: int) -> None:
         self._emit("cache", stage=stage, done=done, total=total)
 
-    def _prepare_data(self) -> None:
-        d, cache = self.cfg.data, self.cfg.cache_path
+    def _scan_dataset(self) -> Dataset:
+        d = self.cfg.data
         dataset = load_dataset(d.dataset, d.resolutions, recursive=d.recursive, caption=d.caption or None,
                                trigger=d.trigger or None, missing_caption=d.missing_caption,
                                bad_image=d.bad_image, min_side=d.min_side, caption_ext=d.caption_ext)
         for issue in dataset.issues:
             self._emit("log", message=f"dataset: skipped {issue.path.name}: {issue.problem}")
-        m = self.models
-        self.data = build_cache(dataset, cache, m.encode_image, m.encode_text, m.vae_id, m.te_id,
+        return dataset
+
+    def _prepare_data(self) -> None:
+        d, cache, m = self.cfg.data, self.cfg.cache_path, self.models
+        self.data = build_cache(self.dataset, cache, m.encode_image, m.encode_text, m.vae_id, m.te_id,
                                 progress=self._progress)
         prompts = list(self.cfg.preview.prompts) + [""]
         embeds = cached_text_embeddings(prompts, cache, m.encode_text, m.te_id)
@@ -193,7 +197,10 @@ class Trainer:
         cfg = self.cfg
         self.model.requires_grad_(False)
         targets = cfg.lora.target_regex if cfg.lora.targets == "custom" else cfg.lora.targets
-        inject_lora(self.model, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, adapter_name=TRAINED)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(cfg.optim.seed)  # peft draws A from the global RNG: make it the run's seed
+            inject_lora(self.model, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init,
+                        adapter_name=TRAINED)
         self.has_adapter = cfg.turbo.mode != "sft"
         if self.has_adapter:
             adapter = read_lora(cfg.turbo.adapter, spec=model_spec(self.model))
@@ -268,9 +275,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
         if self.ema is not None:
-            self.ema.update(self.step)
+            self.ema.update(self.step)  # the 0-based index of the optimizer step just taken
+        self.step += 1
         return total
 
     # ---- outputs ----------------------------------------------------------------------------------
