@@ -294,7 +294,7 @@ def apply_weights(lora: Lora, weights: BlockWeights) -> Lora:
     for key, m in lora.modules.items():
         w = weights.weight(key)
         if w != 0:
-            modules[key] = LoraModule(m.a, (m.b.float() * w).to(m.b.dtype))
+            modules[key] = LoraModule(m.a, m.b * w)  # computed in fp32 internally, rounded once
     earlier = recorded_weights(lora)
     total = weights if earlier is None else earlier.combined(weights)
     metadata = {

@@ -421,7 +421,7 @@ def lora_to_state_dict(
         raise LoraError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
     if not lora.modules:
         raise LoraError("LoRA has no modules: nothing to write")
-    lora.validate("LoRA to write")
+    lora.validate("LoRA to write", values=False)  # values were checked where they entered (read_lora)
     layout = _LAYOUTS[dialect]
     sd: dict[str, torch.Tensor] = {}
     seen: set[int] = set()

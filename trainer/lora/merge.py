@@ -77,8 +77,13 @@ def _keys(items: Sequence[MergeItem], spec: ZitSpec) -> list[ModuleKey]:
     return ordered + [key for key in present if not spec.has_module(key)]
 
 
-def _concat(items: Sequence[MergeItem], key: ModuleKey) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(A_cat, B_cat) in float32 over the inputs that have `key` with a non-zero weight, or None."""
+def _concat(
+    items: Sequence[MergeItem], key: ModuleKey, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A_cat, B_cat) in `dtype` over the inputs that have `key` with a non-zero weight, or None.
+
+    w * B is computed in float32 internally and rounded once to `dtype`, as a float32 detour would.
+    """
     a_parts, b_parts, first = [], [], None
     for i, (lora, weights) in enumerate(items, start=1):
         m = lora.modules.get(key)
@@ -90,8 +95,8 @@ def _concat(items: Sequence[MergeItem], key: ModuleKey) -> tuple[torch.Tensor, t
         if shape != first[1]:
             raise LoraError(f"merge: module {key[0]}.{key[1]} has dW shape {shape[0]}x{shape[1]} in "
                             f"input {i} but {first[1][0]}x{first[1][1]} in input {first[0]}")
-        a_parts.append(m.a.float())
-        b_parts.append(m.b.float() * w)
+        a_parts.append(m.a.to(dtype))
+        b_parts.append((m.b * w).to(dtype) if m.b.dtype == dtype else m.b.float().mul(w).to(dtype))
     if not a_parts:
         return None
     return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
@@ -116,9 +121,11 @@ def _recipe(items: Sequence[MergeItem], method: str, **options: float | int | No
     return json.dumps({"method": method, **options, "inputs": inputs})
 
 
-def _merged(items: Sequence[MergeItem]) -> Iterable[tuple[ModuleKey, torch.Tensor, torch.Tensor]]:
+def _merged(
+    items: Sequence[MergeItem], dtype: torch.dtype = torch.float32
+) -> Iterable[tuple[ModuleKey, torch.Tensor, torch.Tensor]]:
     for key in _keys(items, _spec(items)):
-        pair = _concat(items, key)
+        pair = _concat(items, key, dtype)
         if pair is not None:
             yield key, pair[0], pair[1]
 
@@ -126,7 +133,7 @@ def _merged(items: Sequence[MergeItem]) -> Iterable[tuple[ModuleKey, torch.Tenso
 def merge_exact(items: Sequence[MergeItem], dtype: torch.dtype | None = None) -> Lora:
     """Sum of w_i B_i A_i as concatenated factors (rank = sum of contributing ranks); metadata zit.merge."""
     spec, out = _spec(items), dtype or _dtype(items)
-    modules = {key: LoraModule(a.to(out), b.to(out)) for key, a, b in _merged(items)}
+    modules = {key: LoraModule(a, b) for key, a, b in _merged(items, out)}
     return Lora(modules, {"zit.merge": _recipe(items, "exact")}, spec)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 COMPONENTS: tuple[str, ...] = ("adaLN", "q", "k", "v", "out", "w1", "w2", "w3")
 ATTENTION: tuple[str, ...] = ("q", "k", "v", "out")
@@ -90,11 +91,12 @@ class ZitSpec:
         keys = [(b, c) for b in self.blocks() for c in self.components(b)]
         return keys + [(BASE, name) for name in BASE_MODULES]
 
+    @cached_property
+    def _module_set(self) -> frozenset[ModuleKey]:
+        return frozenset(self.module_keys())
+
     def has_module(self, key: ModuleKey) -> bool:
-        block, component = key
-        if block == BASE:
-            return component in BASE_MODULES
-        return block in self.blocks() and component in self.components(block)
+        return key in self._module_set
 
     def shape(self, key: ModuleKey) -> tuple[int, int]:
         """(out_features, in_features) of the linear a LoRA on this module patches."""
