@@ -93,7 +93,7 @@ def sample_tensors(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def engine_trainer(case: Case, model: torch.nn.Module, work: Path) -> loop.Trainer:
-    """A real Trainer over `model`; its one-image dataset is cached from stand-in encoders (random tensors)."""
+    """A real Trainer over `model`; its one-image dataset is cached from stand-in encoders (random data)."""
     folder = work / "images"
     folder.mkdir(parents=True)
     Image.new("RGB", (case.size, case.size), (200, 60, 40)).save(folder / "sample.png")
@@ -266,7 +266,8 @@ def gpu_bench(args: argparse.Namespace, case: Case) -> None:
     flops = step_flops(case, n_params, passes=3 if case.checkpointing else 2)
     name = torch.cuda.get_device_name(case.device) if case.device.type == "cuda" else "CPU (dry run)"
     print(f"{name}: Z-Image dim {case.spec.dim} x {case.spec.n_layers} layers "
-          f"({n_params / 1e9:.2f} B params, random), {case.size}x{case.size} ({case.image_tokens} image + {case.text_tokens} text tokens), "
+          f"({n_params / 1e9:.2f} B params, random), {case.size}x{case.size} "
+          f"({case.image_tokens} image + {case.text_tokens} text tokens), "
           f"rank {case.rank} aitoolkit, batch 1, {str(case.dtype).removeprefix('torch.')}, gradient "
           f"checkpointing {'on' if case.checkpointing else 'off'}; {steps} steps after {warmup} warm-up")
     print(f"FLOP per step {flops:.3g} (DOMAIN.md section 8); MFU against 989 TFLOP/s (spec) "
@@ -301,7 +302,7 @@ def main() -> None:
                     help="run the CUDA-mode code on the CPU with the tiny model (checks the code path only)")
     args = ap.parse_args()
     if args.dry_run:
-        args.steps, args.warmup = args.steps or 2, 1
+        args.steps = args.steps or 2
         gpu_bench(args, Case(TINY_SPEC, args.size or 64, args.text_tokens or 16, args.rank or 4,
                              torch.bfloat16, torch.device("cpu"), not args.no_checkpointing))
         return

@@ -259,6 +259,14 @@ def test_ema_weights_are_saved_and_training_continues_on_the_raw_ones(tmp_path, 
     assert (b_raw - b_saved).abs().max() > 0.1 * b_raw.abs().max()
 
 
+def test_gradient_checkpointing_trains_the_same_lora(tmp_path, images, cache):
+    runs = [train(make_config(tmp_path / str(on), images, cache, model={"gradient_checkpointing": on},
+                              optim={"steps": 3})) for on in (False, True)]
+    assert runs[0].losses == runs[1].losses
+    assert_same_tensors(tensors(runs[1].lora_path), tensors(runs[0].lora_path))
+    assert max(m.b.abs().max().item() for m in read_lora(runs[1].lora_path).modules.values()) > 0
+
+
 # ---- differential guidance ------------------------------------------------------------------------------
 
 

@@ -37,11 +37,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .config import load_config
+
+    cfg = load_config(args.config)  # a bad config is refused before torch and diffusers are imported
     from .job import JobRunner
     from .loop import train
     from .progress import ProgressPrinter
 
-    cfg = load_config(args.config)
     runner = JobRunner()
     runner.subscribe(ProgressPrinter(sys.stderr))
     job = runner.start("train", lambda ctx: train(cfg, ctx, resume=args.resume))
