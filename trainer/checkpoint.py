@@ -21,13 +21,10 @@ dtype, dialect, folded scale) that need not round-trip bit-exactly.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
-import secrets
-import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,11 +36,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ZitError
+from .files import atomic_write, atomic_write_dir, clean_stale_temps, remove_path
 
 STATE_FORMAT = "zit-trainer-state"
 STATE_VERSION = 1
 LATEST = "latest"
-_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
 _STATE_RE = re.compile(r"^state-step(?P<step>\d{6,})$")
 
 
@@ -57,116 +54,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (our own pid counts as alive)."""
-    if pid == os.getpid():
-        return True
-    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
-        import ctypes
-
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if handle:
-            ctypes.windll.kernel32.CloseHandle(handle)
-            return True
-        return ctypes.GetLastError() == 5  # access denied: it exists
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _temp_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _remove(path: Path) -> None:
-    """Delete a file or folder if it exists."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def clean_stale_temps(folder: str | os.PathLike, target: str | None = None) -> list[Path]:
-    """Remove temp files/folders left in folder by dead processes (only those for target, if given)."""
-    removed = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in Path(folder).iterdir():
-            m = _TEMP_RE.match(entry.name)
-            if m and (target is None or m["target"] == target) and not _pid_alive(int(m["pid"])):
-                _remove(entry)
-                removed.append(entry)
-    return removed
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside path durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> Path:
-    """Write a file via write_fn(temp_path) then rename it onto path; on any error path is left untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(path.parent, path.name)
-    tmp = _temp_path(path)
-    try:
-        write_fn(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_dir(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> Path:
-    """Build a folder via write_fn(temp_folder) then rename it onto path (replacing an old one last)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    moved: Path | None = None
-    try:
-        tmp.mkdir()
-        write_fn(tmp)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                _fsync_file(file)
-        _fsync_dir(tmp)
-        if path.exists():
-            moved = _temp_path(path)
-            os.replace(path, moved)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        if moved is not None and not path.exists():
-            os.replace(moved, path)
-        raise
-    if moved is not None:
-        _remove(moved)
-    _fsync_dir(path.parent)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -254,7 +141,7 @@ def prune_checkpoints(run_dir: str | os.PathLike, name: str, keep_last: int, cur
     for ckpt in older[: max(0, len(older) - (keep_last - 1))]:
         for path in (ckpt.lora, ckpt.state):
             if path is not None:
-                _remove(path)
+                remove_path(path)
                 removed.append(path)
     return removed
 

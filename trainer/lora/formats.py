@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import secrets
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ..files import atomic_write
 from .canonical import Lora, LoraError, LoraModule
 from .spec import (
     BASE_MODULES,
@@ -467,23 +467,16 @@ def write_lora(
     sd, meta = lora_to_state_dict(lora, dialect, dtype)
     extra = {k: _metadata_str(v) for k, v in (metadata or {}).items() if k not in _RESERVED}
     meta = {**meta, **extra}
-    tmp = None
-    try:
-        # A new file in the target's directory (same filesystem for os.replace), created by us so that its
-        # mode is 0o666 minus the umask, as open() gives; safetensors may recreate it 0o600, so restore it.
-        name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        tmp = str(name)
+    def save(tmp: Path) -> None:
+        # Create the temp file ourselves so it gets open()'s mode (0o666 minus the umask), then keep that
+        # mode: safetensors may recreate the file as 0o600, which would hide it from other users.
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         mode = os.stat(tmp).st_mode & 0o777
         safetensors.torch.save_file(sd, tmp, metadata=meta)
         os.chmod(tmp, mode)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+
+    try:
+        atomic_write(path, save)
     except (OSError, RuntimeError, ValueError, safetensors.SafetensorError) as e:
         raise LoraError(f"{path}: could not write the LoRA: {e}") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
     return path
