@@ -253,6 +253,7 @@ def gpu_bench(args: argparse.Namespace, case: Case) -> None:
             rows.append(("engine + compiled blocks", seconds_per_step(trainer.train_step, steps, case.device),
                          peak_gb(case.device)))
         del trainer, model
+        torch._dynamo.reset()  # drop compiled code that may still hold the engine's model
 
         reset_peak(case.device)
         model = random_transformer(case)

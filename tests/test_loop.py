@@ -457,3 +457,19 @@ def _env() -> dict[str, str]:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_train_bench_dry_run_runs_the_cuda_code_path_on_the_cpu(monkeypatch, capsys):
+    """The bench's GPU mode cannot run here; its --dry-run keeps that code in step with the engine."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_bench", REPO / "bench" / "train_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_bench", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["train_bench.py", "--dry-run", "--steps", "1", "--warmup", "1"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "diffusers + peft reference" in out and "engine Trainer.train_step" in out
+    assert bench.step_flops(bench.Case(bench.ZIT, 1024, 512, 32, torch.bfloat16, torch.device("cpu"), True),
+                            6_154_908_736) == pytest.approx(2.01e14, rel=0.01)  # DOMAIN.md section 8: ~2e14
