@@ -9,6 +9,7 @@ Run: python bench/lora_bench.py [--rank 32] [--repeat 3]
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -73,10 +74,11 @@ def main() -> None:
             ("scale by block vector + save", files[:1], scaled_sd, scale),
             ("exact 3-way merge + save", files, merged_sd, merge),
         ]
-        print(f"rank {args.rank}, {len(keys)} modules, {size_mb:.0f} MB per input, bf16, median of {args.repeat}")
+        print(f"rank {args.rank}, {len(keys)} modules, {size_mb:.0f} MB per input, bf16, "
+              f"median of {args.repeat}")
         print(f"{'task':32} {'floor s':>8} {'ours s':>8} {'ratio':>6}")
         for name, inputs, sd, fn in rows:
-            base = timed(lambda: floor(inputs, sd, tmp / "floor.safetensors"), args.repeat)
+            base = timed(functools.partial(floor, inputs, sd, tmp / "floor.safetensors"), args.repeat)
             ours = timed(fn, args.repeat)
             print(f"{name:32} {base:8.3f} {ours:8.3f} {ours / base:6.2f}")
 
