@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections import deque
 from contextlib import nullcontext
@@ -20,6 +21,7 @@ from .checkpoint import TrainingObjects, find_latest_checkpoint, load_training_s
 from .config import TrainConfig, config_diff, config_from_dict, config_to_dict
 from .data import Dataset, LazyEncoder, build_cache, cached_text_embeddings, load_dataset
 from .errors import ZitError
+from .files import atomic_write
 from .job import JobContext
 from .lora.formats import read_lora, write_lora
 from .model import (
@@ -31,7 +33,6 @@ from .model import (
     load_transformer,
     load_vae,
     lora_from_peft,
-    model_spec,
     predict_velocity,
 )
 from .objective import (
@@ -114,7 +115,9 @@ def open_models(cfg: TrainConfig, device: torch.device) -> Models:
     if cfg.model.transformer == "tiny":
         from .tiny import tiny_text_encoder, tiny_transformer, tiny_vae
 
-        model = tiny_transformer(0).to(device, dtype)
+        model = tiny_transformer(0).to(device)  # float32
+        if dtype != torch.float32:
+            model.to(dtype)
         te_factory = lambda: _to(tiny_text_encoder(0), device)  # noqa: E731
         vae_factory = lambda: _to(tiny_vae(0), device)  # noqa: E731
         ids = ("tiny-0", "tiny-vae-0", "tiny-te-0")
@@ -150,7 +153,9 @@ class Trainer:
         self.losses: list[float] = []
         self.previews: list[Path] = []
         self.step = 0
-        self.dataset = self._scan_dataset()  # bad data is refused before a 12 GB model is loaded
+        # Bad data and a bad adapter file are refused before a 12 GB model is loaded.
+        self.dataset = self._scan_dataset()
+        self.adapter = read_lora(cfg.turbo.adapter) if cfg.turbo.mode != "sft" else None
         self._emit("log", message=f"loading the model on {self.device}")
         self.models = open_models(cfg, self.device)
         self.model = self.models.transformer
@@ -201,10 +206,9 @@ class Trainer:
             torch.manual_seed(cfg.optim.seed)  # peft draws A from the global RNG: make it the run's seed
             inject_lora(self.model, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init,
                         adapter_name=TRAINED)
-        self.has_adapter = cfg.turbo.mode != "sft"
+        self.has_adapter = self.adapter is not None
         if self.has_adapter:
-            adapter = read_lora(cfg.turbo.adapter, spec=model_spec(self.model))
-            attach_frozen_adapter(self.model, adapter, cfg.turbo.adapter_strength, name=ADAPTER)
+            attach_frozen_adapter(self.model, self.adapter, cfg.turbo.adapter_strength, name=ADAPTER)
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         for p in self.params.values():
             p.data = p.data.float()
@@ -306,7 +310,7 @@ class Trainer:
         ckpt = save_checkpoint(self.run_dir, s.name, self.step, self._write_lora, objects,
                                config_to_dict(self.cfg), s.keep_last)
         final = self.run_dir / f"{s.name}.safetensors"
-        self._write_lora(final)
+        atomic_write(final, lambda tmp: shutil.copyfile(ckpt.lora, tmp))
         self._emit("checkpoint", step=self.step, path=str(ckpt.lora), lora=str(final))
         return final
 
