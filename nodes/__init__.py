@@ -2,9 +2,28 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .adapters import (
+    ZITDistillPatchAttach,
+    ZITDistillPatchRemove,
+    ZITTrainingAdapterAttach,
+    ZITTrainingAdapterRemove,
+)
+from .loaders import ZITLoadModel
+from .lora_nodes import ZITLoraConvert, ZITLoraInspect, ZITLoraLoaderBlockWeight, ZITLoraMergeSave
+
 
 class ZitExtension(ComfyExtension):
-    """The zit-trainer extension; nodes arrive with the inference and training issues."""
+    """The zit-trainer extension: every ZIT node of the pack."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        return [
+            ZITTrainingAdapterAttach,
+            ZITTrainingAdapterRemove,
+            ZITDistillPatchAttach,
+            ZITDistillPatchRemove,
+            ZITLoraLoaderBlockWeight,
+            ZITLoraMergeSave,
+            ZITLoraInspect,
+            ZITLoraConvert,
+            ZITLoadModel,
+        ]
