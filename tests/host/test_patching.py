@@ -50,15 +50,22 @@ KEYS = [k for k in SPEC.module_keys() if not k[1].startswith("t_embedder")]
 DIALECTS = formats.DIALECTS
 
 
-def diffusers_model() -> torch.nn.Module:
-    """The diffusers transformer at SPEC with seeded weights."""
-    with torch.random.fork_rng(devices=[]):
+def diffusers_model(spec: ZitSpec = SPEC, std: float = 0.05) -> torch.nn.Module:
+    """The diffusers transformer at `spec` with seeded weights."""
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
         torch.manual_seed(0)
-        model = build_transformer(SPEC, device="cpu")
+        model = build_transformer(spec, device="cpu")
         with torch.no_grad():
             for p in model.parameters():
-                p.copy_(torch.randn_like(p) * 0.05)
+                p.copy_(torch.randn_like(p) * std)
     return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(autouse=True)
+def _like_comfyui():
+    """Nodes execute under torch.inference_mode() in ComfyUI; so do these tests."""
+    with torch.inference_mode():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +155,6 @@ def test_attach_then_remove_is_bit_exact(base, base_bf16, loras, dtype):
     assert after.patches_uuid not in (both.patches_uuid, no_adapter.patches_uuid)
     assert patching.attachments(after) == {}
     assert set(patching.attachments(both)) == {"training_adapter", "distill_patch"}
-    assert state(before)["layers.0.attention.qkv.weight"].dtype == model.model.diffusion_model.layers[0] \
-        .attention.qkv.weight.dtype
 
 
 def test_subtract_cancels_a_baked_in_adapter(base, base_bf16, loras):
@@ -233,23 +238,48 @@ def test_block_weight_kohya_patches_what_core_skips(base, loras, caplog):
             assert torch.equal(core[k][r], clean[k][r]), k
 
 
+def run_comfy(patcher, x: torch.Tensor, context: torch.Tensor, s: float) -> torch.Tensor:
+    """ComfyUI's NextDiT output with the MODEL's patches applied (noise level s)."""
+    patcher.patch_model()
+    try:
+        return patcher.model.diffusion_model(x, torch.tensor([s]), context, context.shape[1])
+    finally:
+        patcher.unpatch_model()
+
+
 def test_same_model_output_as_core(base, loras):
     name = loras("forward.safetensors", lora_for(8), "aitoolkit")
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     context = torch.randn(1, 7, SPEC.cap_feat_dim, generator=torch.Generator().manual_seed(1))
+    patched = lora_nodes.ZITLoraLoaderBlockWeight.execute(base, name, 1.0, "all", "")[0]
+    ours = run_comfy(patched, x, context, 0.6)
+    assert torch.equal(ours, run_comfy(core_load(base, name, 1.0), x, context, 0.6))
+    assert not torch.equal(ours, run_comfy(base, x, context, 0.6))
 
-    def run(patcher):
-        patcher.patch_model()
-        try:
-            with torch.no_grad():
-                return patcher.model.diffusion_model(x, torch.tensor([0.6]), context, 7)
-        finally:
-            patcher.unpatch_model()
 
-    plain = run(base)
-    ours = run(lora_nodes.ZITLoraLoaderBlockWeight.execute(base, name, 1.0, "all", "")[0])
-    assert torch.equal(ours, run(core_load(base, name, 1.0)))
-    assert not torch.equal(ours, plain)
+@pytest.mark.filterwarnings("ignore")
+def test_same_model_output_as_diffusers_loader(loras):
+    """At dim 1024 ComfyUI's NextDiT and diffusers' transformer have the same weights: compare outputs."""
+    from diffusers import ZImagePipeline
+
+    spec = ZitSpec(dim=1024, n_layers=1, n_refiner_layers=1, n_heads=8, cap_feat_dim=32, in_channels=16)
+    model = diffusers_model(spec, std=0.02)
+    plain = host.comfy_model(spec, to_comfy_state_dict(model.state_dict()))
+    name = loras("forward_1024.safetensors", random_lora(4, spec, keys=spec.module_keys(), seed=17, std=0.1))
+    ours = lora_nodes.ZITLoraLoaderBlockWeight.execute(plain, name, 1.0, "all", "")[0]
+    sd, meta = ZImagePipeline.lora_state_dict(str(loras.folder / name), return_lora_metadata=True)
+    ZImagePipeline.load_lora_into_transformer(sd, transformer=model, adapter_name="x", metadata=meta)
+    assert sum(1 for m in model.modules() if "x" in getattr(m, "lora_A", {})) == len(spec.module_keys())
+
+    gen = torch.Generator().manual_seed(0)
+    x, context, s = torch.randn(1, 16, 8, 16, generator=gen), torch.randn(1, 32, 32, generator=gen), 0.6
+    comfy_out = run_comfy(ours, x, context, s)[0]
+    # diffusers: a list of (C, F, H, W) latents, time 1 - s, and the velocity with the opposite sign
+    velocity = model([x[0][:, None]], torch.tensor([1 - s]), [context[0]], return_dict=False)[0][0]
+    diffusers_out = -velocity[:, 0]
+    torch.testing.assert_close(comfy_out, diffusers_out, atol=2e-5, rtol=1e-5)
+    assert (comfy_out - run_comfy(plain, x, context, s)[0]).abs().max() > 1e-2
+    assert torch.equal(comfy_out, run_comfy(core_load(plain, name, 1.0), x, context, s)[0])
 
 
 # ---- (4) a block at 0 == the file without that block ---------------------------------------------------
