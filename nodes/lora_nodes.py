@@ -59,7 +59,7 @@ def _save_new(lora: Any, prefix: str, dialect: str, dtype: str | None) -> str:
     root = Path(folder_paths.get_folder_paths("loras")[0]).resolve()
     rel = prefix.strip().replace("\\", "/").removesuffix(".safetensors")
     parts = rel.split("/")
-    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    if not rel or rel.startswith("/") or ":" in rel or any(p in ("", ".", "..") for p in parts):
         raise ZitError(f"filename_prefix {prefix!r}: give a relative name inside the loras folder, "
                        f"e.g. zit/merged")
     folder = root.joinpath(*parts[:-1])

@@ -393,9 +393,11 @@ def test_merge_save_writes_the_exact_sum(loras):
 def test_merge_refuses_bad_input(loras):
     loras("merge_c.safetensors", lora_for(14))
     node = lora_nodes.ZITLoraMergeSave
-    with pytest.raises(ZitError, match="filename_prefix"):
-        node.execute(mode="exact", rank=4, dialect="aitoolkit", dtype="keep", filename_prefix="../outside",
-                     lora_1="merge_c.safetensors", ratio_1=1.0, blocks_1="all")
+    for prefix in ("../outside", "/abs/path", "C:/x", "a//b", ""):
+        with pytest.raises(ZitError, match="filename_prefix"):
+            node.execute(mode="exact", rank=4, dialect="aitoolkit", dtype="keep", filename_prefix=prefix,
+                         lora_1="merge_c.safetensors", ratio_1=1.0, blocks_1="all")
+    assert sorted(p.name for p in loras.folder.parent.iterdir() if p.name == "outside") == []
     with pytest.raises(ZitError, match="L99"):
         node.execute(mode="exact", rank=4, dialect="aitoolkit", dtype="keep", filename_prefix="x",
                      lora_1="merge_c.safetensors", ratio_1=1.0, blocks_1="L99=0")
