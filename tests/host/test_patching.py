@@ -446,6 +446,25 @@ def test_every_node_is_described(loras):
         assert schema.category.startswith("ZIT") and schema.description, schema.node_id
         assert all(i.tooltip for i in schema.inputs), schema.node_id
         assert all(o.tooltip for o in schema.outputs), schema.node_id
+        assert cls.GET_NODE_INFO_V1()["input"]["required"], schema.node_id  # what /object_info serves
+
+
+def test_executes_as_comfyui_calls_it(base, loras):
+    """execute on ComfyUI's locked class clone (no instance state): the adapter nodes share one base class."""
+    from comfy_api.internal import make_locked_method_func
+
+    loras("adapter_locked.safetensors", lora_for(18))
+
+    def call(cls, **inputs):
+        cls.VALIDATE_CLASS()
+        return make_locked_method_func(cls, "EXECUTE_NORMALIZED", cls.PREPARE_CLASS_CLONE(None))(**inputs)
+
+    attached = call(adapters.ZITTrainingAdapterAttach, model=base, lora_name="adapter_locked.safetensors",
+                    strength=1.0)
+    assert set(patching.attachments(attached.result[0])) == {"training_adapter"}
+    removed = call(adapters.ZITTrainingAdapterRemove, model=attached.result[0], mode="exact",
+                   lora_name="adapter_locked.safetensors", strength=1.0)
+    assert removed.result[0].patches == {}
     assert lora_nodes.DIALECTS == formats.DIALECTS
     from zit_trainer_pack.trainer.lora.inspect import METRICS
 
