@@ -272,8 +272,9 @@ class ZITLoadModel(io.ComfyNode):
     def execute(cls, model_name: str, weight_dtype: str = "default", clip_name: str = NONE,
                 vae_name: str = NONE) -> io.NodeOutput:
         source = _resolve_model(model_name)
-        for name, part, what in ((clip_name, "text_encoder", "text encoder"), (vae_name, "vae", "VAE")):
-            if name == FROM_DIFFUSERS:
-                _diffusers_part(source, part, what)  # fail before the long model load
+        if clip_name == FROM_DIFFUSERS:  # fail before the long model load
+            _check_text_encoder_config(_diffusers_part(source, "text_encoder", "text encoder"))
+        if vae_name == FROM_DIFFUSERS:
+            _diffusers_part(source, "vae", "VAE")
         model = load_zit_model(source, _model_options(weight_dtype))
         return io.NodeOutput(model, load_clip(clip_name, source), load_vae(vae_name, source))

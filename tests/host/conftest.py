@@ -1,0 +1,370 @@
+"""Host tests: the pack inside a real ComfyUI, started headless on the CPU, fed API prompts over HTTP.
+
+ComfyUI is found through COMFYUI_PATH or as the ComfyUI folder this repo sits in
+(ComfyUI/custom_nodes/<repo>); without one, every test that needs it is skipped with the reason. The server
+runs with the Python running the tests (ComfyUI's venv) on a temporary --base-directory holding tiny Z-Image
+files under the usual names:
+
+- the transformer at full width (dim 3840: ComfyUI detects Z-Image by it) with 1 main layer (+ the 2 noise
+  and 2 context refiners ComfyUI always builds), as a diffusion_models file and as a diffusers folder;
+- a Flux-shaped VAE (ComfyUI fixes its encoder widths), written as ae.safetensors and in the diffusers folder;
+- "qwen_3_4b.safetensors" is a random CLIP-L text model: ComfyUI's Qwen3-4B text encoder has a fixed 4B shape,
+  too big for a CPU test, and CLIPLoader(type lumina2) loads a CLIP-L file as an SD1 CLIP. Its 768-wide
+  output is the tiny transformer's cap_feat_dim, so CLIPLoader -> CLIPTextEncode -> KSampler runs as in the
+  real graph; the diffusers folder's text encoder is a tiny Qwen3 that Load ZIT must refuse;
+- LoRAs (user, second, DistillPatch, training adapter) of rank 4 for the tiny model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HOST_DIR = Path(__file__).resolve().parent
+REPO = HOST_DIR.parents[1]
+WORKFLOWS = REPO / "workflows"
+sys.path.insert(0, str(HOST_DIR))
+import _comfy_inproc as inproc  # noqa: E402
+
+# The file names the workflows use; the fixture writes tiny files under these names.
+UNET = "z_image_turbo_bf16.safetensors"
+CLIP = "qwen_3_4b.safetensors"
+VAE = "ae.safetensors"
+LORAS = {  # name -> (seed, dialect, with adaLN)
+    "zit_my_lora.safetensors": (1, "aitoolkit", True),
+    "zit_other_lora.safetensors": (2, "comfy", True),
+    "z_image_turbo_distill_patch_lora_bf16.safetensors": (3, "diffsynth", False),
+    "zimage_turbo_training_adapter_v2.safetensors": (4, "aitoolkit", True),
+}
+DIFFUSERS = "Z-Image-Turbo-tiny"
+NOT_ZIT = {  # a diffusion_models file that is not the Z-Image transformer -> what the refusal must say
+    "flux_dev_not_zit.safetensors": "Flux",
+    "a_lora_not_a_model.safetensors": "LoRA",
+}
+TINY = {"dim": 3840, "n_layers": 1, "n_refiner_layers": 2, "n_heads": 30, "cap_feat_dim": 768,
+        "in_channels": 16}
+LAUNCH = """\
+import runpy, sys
+sys.path.insert(0, {host!r})
+import _comfy_inproc
+_comfy_inproc._torchaudio_or_stand_in()  # torchaudio's wheel may not load on a CPU-only machine
+sys.path.remove({host!r})
+sys.argv = ["main.py", *sys.argv[1:]]
+runpy.run_path("main.py", run_name="__main__")
+"""
+START_TIMEOUT = 300.0
+REQUIREMENTS = ("torch", "aiohttp", "safetensors", "comfyui_frontend_package")
+
+
+# --------------------------------------------------------------------------------------------------
+# UI-format (frontend) workflow -> API-format prompt
+# --------------------------------------------------------------------------------------------------
+
+VIRTUAL_NODES = frozenset({"Note", "MarkdownNote"})  # frontend-only: no backend class, nothing to run
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+
+
+def is_widget(spec: list) -> bool:
+    """Whether an /object_info input spec is drawn as a widget (its value saved in widgets_values)."""
+    kind, options = spec[0], spec[1] if len(spec) > 1 else {}
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput", False)
+
+
+def widget_names(info: dict) -> list[tuple[str, bool]]:
+    """(name, has a control_after_generate value) of a node's widgets, in widgets_values order."""
+    spec = info["input"]
+    order = info.get("input_order", {})
+    names = [*order.get("required", spec.get("required", {})),
+             *order.get("optional", spec.get("optional", {}))]
+    specs = {**spec.get("required", {}), **spec.get("optional", {})}
+    return [(n, bool(specs[n][1].get("control_after_generate")) if len(specs[n]) > 1 else False)
+            for n in names if is_widget(specs[n])]
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
+    """The API-format prompt of a UI-format (version 0.4) workflow, using /object_info for widget order.
+
+    widgets_values holds one value per widget input (required, then optional, in input_order; link-only
+    inputs have none) plus, after a widget with control_after_generate (seeds), that control's value. An
+    input with a link takes [source node id, output slot] instead of its widget value.
+    """
+    links = {link[0]: link for link in workflow.get("links", [])}
+    prompt: dict[str, dict] = {}
+    for node in workflow["nodes"]:
+        kind, nid = node["type"], node["id"]
+        if kind in VIRTUAL_NODES:
+            continue
+        if node.get("mode", 0) != 0:
+            raise ValueError(f"node {nid} ({kind}) is muted or bypassed (mode {node['mode']}): not supported")
+        if kind not in object_info:
+            raise ValueError(f"node {nid}: unknown node type {kind!r} (not in /object_info)")
+        values = node.get("widgets_values") or []
+        if not isinstance(values, list):
+            raise ValueError(f"node {nid} ({kind}): widgets_values is not a list")
+        inputs: dict[str, Any] = {}
+        at = 0
+        for name, control in widget_names(object_info[kind]):
+            if at >= len(values):
+                raise ValueError(f"node {nid} ({kind}): widgets_values has {len(values)} values, too few for "
+                                 f"the widgets {[n for n, _ in widget_names(object_info[kind])]}")
+            inputs[name] = values[at]
+            at += 2 if control else 1
+        if at != len(values):
+            raise ValueError(f"node {nid} ({kind}): widgets_values has {len(values)} values, the node's "
+                             f"widgets take {at}")
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                _, source, source_slot, *_ = links[slot["link"]]
+                inputs[slot["name"]] = [str(source), source_slot]
+        prompt[str(nid)] = {"class_type": kind, "inputs": inputs}
+    return prompt
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding ComfyUI
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def comfyui_root() -> Path:
+    """The ComfyUI checkout (skips the test when there is none, or this Python cannot run it)."""
+    root = inproc.find_comfyui()
+    if root is None:
+        pytest.skip(inproc.skip_reason())
+    missing = [m for m in REQUIREMENTS if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"ComfyUI at {root}, but this Python ({sys.executable}) lacks {', '.join(missing)}: "
+                    "run the host tests with ComfyUI's own environment")
+    return root
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny Z-Image files
+# --------------------------------------------------------------------------------------------------
+
+
+def _fill_random(state: dict, seed: int) -> None:
+    """Seeded values in place: matrices ~ U with variance 1/fan_in, biases 0, norm weights 1."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in state.items():
+            if t.ndim >= 2:
+                bound = (3.0 / t.shape[-1]) ** 0.5
+                t.uniform_(-bound, bound, generator=gen)
+            elif name.endswith("bias"):
+                t.zero_()
+            else:
+                t.fill_(1.0)
+
+
+def _tiny_transformer(spec: Any):
+    import torch
+
+    from trainer.model import build_transformer
+
+    model = build_transformer(spec).to(torch.bfloat16).to_empty(device="cpu")
+    _fill_random(model.state_dict(), seed=0)
+    return model.eval()
+
+
+def _write_vae(models: Path, diffusers_root: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from trainer.model import FLUX_VAE
+    from trainer.tiny import vae_to_bfl
+
+    vae = AutoencoderKL.from_config(FLUX_VAE).to(torch.bfloat16)
+    _fill_random(vae.state_dict(), seed=1)
+    save_file(vae_to_bfl(vae.state_dict(), len(FLUX_VAE["block_out_channels"])), models / "vae" / VAE)
+    vae.save_pretrained(diffusers_root / "vae")
+
+
+def _write_clip_l(comfyui: Path, path: Path) -> None:
+    """A random CLIP-L text model (ComfyUI's sd1_clip_config.json sizes) with its text projection."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = json.loads((comfyui / "comfy" / "sd1_clip_config.json").read_text())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    save_file({k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def _write_loras(spec: Any, loras: Path) -> None:
+    from trainer.lora.formats import write_lora
+    from trainer.lora.spec import BASE
+    from trainer.lora.synth import random_lora
+
+    for name, (seed, dialect, adaln) in LORAS.items():
+        keys = [k for k in spec.module_keys() if k[0] != BASE and (adaln or k[1] != "adaLN")]
+        write_lora(random_lora(rank=4, spec=spec, keys=keys, seed=seed), loras / name, dialect, "bf16")
+
+
+def _write_not_zit(models: Path) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    flux = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8), "img_in.weight": torch.zeros(8, 64)}
+    names = iter(NOT_ZIT)
+    save_file(flux, models / "diffusion_models" / next(names))
+    shutil.copy(models / "loras" / next(iter(LORAS)), models / "diffusion_models" / next(names))
+
+
+def write_tiny_models(comfyui: Path, base: Path) -> None:
+    """Tiny Z-Image files under base/models, in ComfyUI's folders and as a diffusers folder."""
+    from safetensors.torch import save_file
+
+    from trainer.lora.spec import ZitSpec
+    from trainer.model import to_comfy_state_dict
+    from trainer.tiny import tiny_text_encoder
+
+    models = base / "models"
+    root = models / "diffusers" / DIFFUSERS
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras", "diffusers"):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+    spec = ZitSpec(**TINY)
+    transformer = _tiny_transformer(spec)
+    save_file(to_comfy_state_dict(transformer.state_dict()), models / "diffusion_models" / UNET)
+    transformer.save_pretrained(root / "transformer", max_shard_size="500MB")
+    del transformer
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
+    tiny_text_encoder().model.save_pretrained(root / "text_encoder")
+    _write_vae(models, root)
+    _write_clip_l(comfyui, models / "text_encoders" / CLIP)
+    _write_loras(spec, models / "loras")
+    _write_not_zit(models)
+
+
+@pytest.fixture(scope="session")
+def base_dir(comfyui_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ComfyUI --base-directory: tiny models, custom_nodes/zit-trainer -> this repo."""
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "zit-trainer").symlink_to(REPO, target_is_directory=True)
+    inproc._torchaudio_or_stand_in()  # transformers imports torchaudio, whose wheel may not load here
+    write_tiny_models(comfyui_root, base)
+    return base
+
+
+# --------------------------------------------------------------------------------------------------
+# The server and its client
+# --------------------------------------------------------------------------------------------------
+
+
+class PromptError(AssertionError):
+    """ComfyUI refused a prompt (validation) or a node failed while running it; the message says why."""
+
+
+@dataclass
+class ComfyClient:
+    """HTTP client of the test server: queue API prompts, wait for their history, read the log."""
+
+    url: str
+    log_path: Path
+    object_info: dict
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.loads(r.read())
+
+    def post_prompt(self, prompt: dict) -> tuple[int, dict]:
+        """POST /prompt; (HTTP status, JSON body), including a 400's body with the node errors."""
+        data = json.dumps({"prompt": prompt, "client_id": "zit-host-tests"}).encode()
+        headers = {"Content-Type": "application/json"}
+        req = urllib.request.Request(self.url + "/prompt", data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def wait(self, prompt_id: str, timeout: float) -> dict:
+        """The /history entry of a prompt once it finished (success or error)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(0.5)
+        raise PromptError(f"prompt {prompt_id} did not finish in {timeout:.0f} s\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout: float = 900.0) -> dict:
+        """Queue a prompt, wait for it, return its outputs by node id; PromptError with ComfyUI's errors."""
+        status, body = self.post_prompt(prompt)
+        if status != 200:
+            raise PromptError(f"/prompt refused the prompt ({status}): {json.dumps(body, indent=1)}")
+        entry = self.wait(body["prompt_id"], timeout)
+        if entry["status"]["status_str"] != "success":
+            errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+            raise PromptError(f"the prompt failed: {json.dumps(errors, indent=1)}")
+        return entry["outputs"]
+
+    def log_tail(self, chars: int = 6000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return f"--- ComfyUI log (last {chars} chars) ---\n{text[-chars:]}"
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> dict:
+    end = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with code {proc.returncode} while starting\n"
+                               f"{log.read_text(errors='replace')[-8000:]}")
+        try:
+            with urllib.request.urlopen(url + "/object_info", timeout=30) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(1.0)
+    raise RuntimeError(f"ComfyUI did not answer /object_info within {START_TIMEOUT:.0f} s\n"
+                       f"{log.read_text(errors='replace')[-8000:]}")
+
+
+@pytest.fixture(scope="session")
+def comfy(comfyui_root: Path, base_dir: Path) -> ComfyClient:
+    """A ComfyUI server (--cpu) on base_dir with the pack loaded; killed after the session."""
+    port = _free_port()
+    log = base_dir / "comfyui.log"
+    cmd = [sys.executable, "-c", LAUNCH.format(host=str(HOST_DIR)), "--cpu", "--base-directory",
+           str(base_dir), "--port", str(port), "--listen", "127.0.0.1", "--database-url", "sqlite:///:memory:"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=comfyui_root, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        info = _wait_ready(url, proc, log)
+        yield ComfyClient(url, log, info)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
