@@ -234,6 +234,23 @@ def test_workflows_are_there():
 
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=[p.stem for p in WORKFLOW_FILES])
+def test_workflow_links_match_slots(path: Path):
+    """What the frontend reads on load: every link [id, from, from_slot, to, to_slot, type] is the `link` of
+    input to_slot and listed in output from_slot, with one type; ids stay below last_node_id/last_link_id."""
+    workflow = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    assert len(nodes) == len(workflow["nodes"]) and max(nodes) <= workflow["last_node_id"]
+    for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
+        assert link_id <= workflow["last_link_id"]
+        target_input = nodes[target]["inputs"][target_slot]
+        source_output = nodes[source]["outputs"][source_slot]
+        assert target_input["link"] == link_id and link_id in source_output["links"], link_id
+        assert kind == source_output["type"], link_id
+    linked = {i["link"] for n in workflow["nodes"] for i in n.get("inputs", []) if i.get("link") is not None}
+    assert linked == {link[0] for link in workflow["links"]}
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=[p.stem for p in WORKFLOW_FILES])
 def test_workflow_runs_end_to_end(comfy: ComfyClient, base_dir: Path, path: Path):
     workflow = json.loads(path.read_text())
     assert workflow.get("version") == 0.4, f"{path.name}: not a UI-format (version 0.4) workflow"
