@@ -99,6 +99,15 @@ def _diffusers_part(source: Path, part: str, what: str) -> Path:
     return folder
 
 
+def _part_path(name: str, source: Path, kind: str, part: str, what: str) -> Path | None:
+    """A text encoder or VAE choice as a path: a file in `kind`, the diffusers `part` folder, or None."""
+    if name == NONE:
+        return None
+    if name == FROM_DIFFUSERS:
+        return _diffusers_part(source, part, what)
+    return Path(folder_paths.get_full_path_or_raise(kind, name))
+
+
 def _merged(files: list[Path]) -> dict:
     """The tensors of several safetensors shards as one state dict."""
     import comfy.utils
@@ -123,10 +132,9 @@ def load_diffusers_transformer(folder: str, model_options: dict, disable_dynamic
     """
     import comfy.sd
 
-    from ..trainer.model import ModelLoadError, _transformer_source, checkpoint_spec, to_comfy_state_dict
+    from ..trainer.model import ModelLoadError, _transformer_checkpoint, to_comfy_state_dict
 
-    checkpoint_spec(folder)
-    files, _ = _transformer_source(Path(folder))
+    files, _, _ = _transformer_checkpoint(Path(folder))  # refuses what checkpoint_spec refuses
     sd = to_comfy_state_dict(_merged(files))
     model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options,
                                                      disable_dynamic=disable_dynamic)
@@ -142,10 +150,10 @@ def load_zit_model(path: Path, model_options: dict) -> Any:
 
     from ..trainer.model import checkpoint_spec
 
+    if path.is_dir():
+        return load_diffusers_transformer(str(path), model_options)
     checkpoint_spec(path)
-    if path.is_file():
-        return comfy.sd.load_diffusion_model(str(path), model_options=model_options)
-    return load_diffusers_transformer(str(path), model_options)
+    return comfy.sd.load_diffusion_model(str(path), model_options=model_options)
 
 
 @dataclass(frozen=True)
@@ -180,50 +188,43 @@ def _check_text_encoder_config(folder: Path) -> None:
                              f"{want[2]} layers)")
 
 
-def load_clip(clip_name: str, source: Path) -> Any:
-    """The Qwen3-4B CLIP (type lumina2) from a text_encoders file or the diffusers folder; None for none."""
-    if clip_name == NONE:
+def load_clip(path: Path | None) -> Any:
+    """The Qwen3-4B CLIP (type lumina2) from a text_encoders file or a checked diffusers text_encoder/."""
+    if path is None:
         return None
     import comfy.sd
 
     embeddings = folder_paths.get_folder_paths("embeddings")
-    if clip_name != FROM_DIFFUSERS:
-        path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
-        return comfy.sd.load_clip(ckpt_paths=[path], embedding_directory=embeddings,
+    if path.is_file():
+        return comfy.sd.load_clip(ckpt_paths=[str(path)], embedding_directory=embeddings,
                                   clip_type=comfy.sd.CLIPType.LUMINA2)
-    folder = _diffusers_part(source, "text_encoder", "text encoder")
-    _check_text_encoder_config(folder)
     # transformers' Qwen3Model keys lack ComfyUI's "model." prefix (Qwen3ForCausalLM's have it).
     sd = {k if k.startswith(("model.", "lm_head.")) else f"model.{k}": v
-          for k, v in _merged_weights(folder, "model").items()}
+          for k, v in _merged_weights(path, "model").items()}
     return comfy.sd.load_text_encoder_state_dicts([sd], embedding_directory=embeddings,
                                                   clip_type=comfy.sd.CLIPType.LUMINA2)
 
 
-def load_vae(vae_name: str, source: Path) -> Any:
-    """The 16-channel Flux VAE from a vae file or the diffusers folder; None for none."""
-    if vae_name == NONE:
+def load_vae(path: Path | None) -> Any:
+    """The 16-channel Flux VAE from a vae file or a diffusers vae/ folder."""
+    if path is None:
         return None
     import comfy.sd
     import comfy.utils
 
     from ..trainer.model import ModelLoadError
 
-    if vae_name == FROM_DIFFUSERS:
-        folder = _diffusers_part(source, "vae", "VAE")
-        sd, metadata, path = _merged_weights(folder, "diffusion_pytorch_model"), None, None
-        name = str(folder)
+    if path.is_file():
+        sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
     else:
-        path = folder_paths.get_full_path_or_raise("vae", vae_name)
-        sd, metadata = comfy.utils.load_torch_file(path, return_metadata=True)
-        name = vae_name
+        sd, metadata = _merged_weights(path, "diffusion_pytorch_model"), None
     vae = comfy.sd.VAE(sd=sd, metadata=metadata)
     vae.throw_exception_if_invalid()
     if vae.latent_channels != VAE_CHANNELS:
-        raise ModelLoadError(f"{name}: this VAE has {vae.latent_channels} latent channels; Z-Image needs "
-                             "the 16-channel Flux VAE (ae.safetensors)")
-    if path is not None:
-        vae.patcher.cached_patcher_init = (comfy.sd.load_vae_patcher, (path, metadata, None))
+        raise ModelLoadError(f"{path.name}: this VAE has {vae.latent_channels} latent channels; Z-Image "
+                             "needs the 16-channel Flux VAE (ae.safetensors)")
+    if path.is_file():
+        vae.patcher.cached_patcher_init = (comfy.sd.load_vae_patcher, (str(path), metadata, None))
     return vae
 
 
@@ -272,9 +273,10 @@ class ZITLoadModel(io.ComfyNode):
     def execute(cls, model_name: str, weight_dtype: str = "default", clip_name: str = NONE,
                 vae_name: str = NONE) -> io.NodeOutput:
         source = _resolve_model(model_name)
-        if clip_name == FROM_DIFFUSERS:  # fail before the long model load
-            _check_text_encoder_config(_diffusers_part(source, "text_encoder", "text encoder"))
-        if vae_name == FROM_DIFFUSERS:
-            _diffusers_part(source, "vae", "VAE")
+        # Resolve and check the text encoder and VAE first: fail before the long model load.
+        clip = _part_path(clip_name, source, "text_encoders", "text_encoder", "text encoder")
+        if clip is not None and clip.is_dir():
+            _check_text_encoder_config(clip)
+        vae = _part_path(vae_name, source, "vae", "vae", "VAE")
         model = load_zit_model(source, _model_options(weight_dtype))
-        return io.NodeOutput(model, load_clip(clip_name, source), load_vae(vae_name, source))
+        return io.NodeOutput(model, load_clip(clip), load_vae(vae))
