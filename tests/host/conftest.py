@@ -69,6 +69,16 @@ START_TIMEOUT = 300.0
 REQUIREMENTS = ("torch", "aiohttp", "safetensors", "comfyui_frontend_package")
 
 
+REPORT: list[str] = []  # figures tests measured, printed in the terminal summary (also without -s)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if REPORT:
+        terminalreporter.write_sep("-", "zit-trainer host measurements")
+        for line in REPORT:
+            terminalreporter.write_line(line)
+
+
 # --------------------------------------------------------------------------------------------------
 # UI-format (frontend) workflow -> API-format prompt
 # --------------------------------------------------------------------------------------------------
