@@ -21,12 +21,14 @@ import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,8 +232,6 @@ def _write_loras(spec: Any, loras: Path) -> None:
 
 
 def _write_not_zit(models: Path) -> None:
-    import shutil
-
     import torch
     from safetensors.torch import save_file
 
@@ -267,14 +267,15 @@ def write_tiny_models(comfyui: Path, base: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def base_dir(comfyui_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ComfyUI --base-directory: tiny models, custom_nodes/zit-trainer -> this repo."""
+def base_dir(comfyui_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A ComfyUI --base-directory: tiny models (~4 GB, removed after the session) and the pack."""
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "zit-trainer").symlink_to(REPO, target_is_directory=True)
     inproc._torchaudio_or_stand_in()  # transformers imports torchaudio, whose wheel may not load here
     write_tiny_models(comfyui_root, base)
-    return base
+    yield base
+    shutil.rmtree(base / "models", ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def comfy(comfyui_root: Path, base_dir: Path) -> ComfyClient:
+def comfy(comfyui_root: Path, base_dir: Path) -> Iterator[ComfyClient]:
     """A ComfyUI server (--cpu) on base_dir with the pack loaded; killed after the session."""
     port = _free_port()
     log = base_dir / "comfyui.log"
