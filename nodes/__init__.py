@@ -27,3 +27,8 @@ class ZitExtension(ComfyExtension):
             ZITLoraConvert,
             ZITLoadModel,
         ]
+
+
+from .block_routes import register_block_routes  # noqa: E402 - routes of the browser's block-weight editor
+
+register_block_routes()
