@@ -4,9 +4,10 @@ A single file goes through `comfy.sd.load_diffusion_model`, which records `cache
 reload recipe). A diffusers folder's transformer shards are merged, converted to ComfyUI's layout
 (`trainer.model.to_comfy_state_dict`) and loaded with `comfy.sd.load_diffusion_model_state_dict`; the
 MODEL then records `(load_diffusers_transformer, (folder, model_options))` the same way. A trainer gets a
-fresh copy from either through `model_source(model)` (path + dtype) or by calling the recipe. Whatever
-`trainer.model.checkpoint_spec` refuses (not Z-Image, a LoRA, Flux, fp8/GGUF/Nunchaku) is refused before
-loading, with its message.
+fresh copy from either through `model_source(model)` (path + dtype) or by calling the recipe. What is not
+a Z-Image transformer (a LoRA, Flux, SDXL, Wan, Lumina 2, GGUF, Nunchaku) is refused before loading by
+`trainer.model.transformer_checkpoint`, with its message; fp8-scaled files load for sampling (the
+training node refuses them).
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ def _merged(files: list[Path]) -> dict:
 
 def _merged_weights(folder: Path, stem: str) -> dict:
     """All tensors of a diffusers/transformers folder's weights (`stem`.safetensors or its sharded index)."""
-    from ..trainer.model import _weight_files
+    from ..trainer.model import weight_files
 
-    return _merged(_weight_files(folder, stem))
+    return _merged(weight_files(folder, stem))
 
 
 def load_diffusers_transformer(folder: str, model_options: dict, disable_dynamic: bool = False) -> Any:
@@ -132,9 +133,9 @@ def load_diffusers_transformer(folder: str, model_options: dict, disable_dynamic
     """
     import comfy.sd
 
-    from ..trainer.model import ModelLoadError, _transformer_checkpoint, to_comfy_state_dict
+    from ..trainer.model import ModelLoadError, to_comfy_state_dict, transformer_checkpoint
 
-    files, _, _ = _transformer_checkpoint(Path(folder))  # refuses what checkpoint_spec refuses
+    files, _, _ = transformer_checkpoint(Path(folder), trainable=False)
     sd = to_comfy_state_dict(_merged(files))
     model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options,
                                                      disable_dynamic=disable_dynamic)
@@ -145,14 +146,14 @@ def load_diffusers_transformer(folder: str, model_options: dict, disable_dynamic
 
 
 def load_zit_model(path: Path, model_options: dict) -> Any:
-    """The ComfyUI MODEL of a ZIT file or diffusers folder; refuses what checkpoint_spec refuses."""
+    """The ComfyUI MODEL of a ZIT file or diffusers folder; refuses what is not Z-Image."""
     import comfy.sd
 
-    from ..trainer.model import checkpoint_spec
+    from ..trainer.model import transformer_checkpoint
 
     if path.is_dir():
         return load_diffusers_transformer(str(path), model_options)
-    checkpoint_spec(path)
+    transformer_checkpoint(path, trainable=False)  # fp8 files sample fine in ComfyUI; training refuses them
     return comfy.sd.load_diffusion_model(str(path), model_options=model_options)
 
 

@@ -192,6 +192,18 @@ def test_load_transformer_refuses(tmp_path, source, case):
         M.load_transformer(_tiny_header(tmp_path, source, **changes))
 
 
+def test_fp8_files_pass_the_sampling_check_but_not_training(tmp_path, source):
+    path = _tiny_header(tmp_path, source, add={"layers.0.attention.qkv.scale_weight": (1,)})
+    files, _, _ = M.transformer_checkpoint(path, trainable=False)  # ComfyUI samples fp8 files
+    assert files == [path]
+    with pytest.raises(M.ModelLoadError, match="fp8"):
+        M.transformer_checkpoint(path)
+    nunchaku = _tiny_header(tmp_path, source, name="n.safetensors",
+                            add={"layers.0.attention.qkv.qweight": (192, 8)})
+    with pytest.raises(M.ModelLoadError, match="Nunchaku"):
+        M.transformer_checkpoint(nunchaku, trainable=False)
+
+
 FOREIGN = {
     "flux": ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "Flux"),
     "sdxl": ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, "SD/SDXL"),

@@ -115,10 +115,10 @@ def _looks_like(keys: set[str]) -> str:
     return f"no Z-Image transformer weights (layers.N.attention.qkv or to_q) found; first keys: {sample}"
 
 
-def _refuse_non_zit(name: str, infos: dict[str, TensorInfo]) -> None:
-    """Raise ModelLoadError unless the header is a trainable (unquantized) Z-Image transformer."""
+def _refuse_non_zit(name: str, infos: dict[str, TensorInfo], trainable: bool = True) -> None:
+    """Raise ModelLoadError unless the header is a Z-Image transformer (unquantized, when `trainable`)."""
     reason = _quantization(infos)
-    if reason:
+    if reason and (trainable or "Nunchaku" in reason):  # ComfyUI samples fp8 files; nobody reads Nunchaku
         raise ModelLoadError(f"{name}: {reason}")
     keys = {_strip_prefix(k) for k in infos}
     if not any(re.fullmatch(r"layers\.\d+\.attention\.(qkv|to_q)\.weight", k) for k in keys):
@@ -287,7 +287,7 @@ def _read_diffusers_config(path: Path, class_name: str) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def _weight_files(folder: Path, stem: str) -> list[Path]:
+def weight_files(folder: Path, stem: str) -> list[Path]:
     """The safetensors files of a diffusers/transformers folder: its index's shards, or the single file."""
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
@@ -317,7 +317,7 @@ def _transformer_source(path: Path) -> tuple[list[Path], dict | None]:
         raise ModelLoadError(f"{path}: a folder without config.json; expected a diffusers Z-Image folder "
                              "or its transformer/ subfolder")
     config = _read_diffusers_config(folder / "config.json", "ZImageTransformer2DModel")
-    return _weight_files(folder, "diffusion_pytorch_model"), config
+    return weight_files(folder, "diffusion_pytorch_model"), config
 
 
 def _check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
@@ -343,17 +343,22 @@ def _load_file_into(model: nn.Module, path: Path, dtype: torch.dtype, device: to
     model.load_state_dict(tensors, strict=False, assign=True)
 
 
-def _transformer_checkpoint(path: Path) -> tuple[list[Path], dict | None, dict[str, tuple[int, ...]]]:
-    """Weight files, diffusers config (None for a single file) and diffusers-named shapes of a checkpoint."""
+def transformer_checkpoint(
+    path: Path, trainable: bool = True
+) -> tuple[list[Path], dict | None, dict[str, tuple[int, ...]]]:
+    """Weight files, diffusers config (None for a single file) and diffusers-named shapes of a checkpoint.
+
+    Refuses what is not a Z-Image transformer; with `trainable`, also fp8-scaled checkpoints.
+    """
     files, config = _transformer_source(path)
     infos = {k: v for f in files for k, v in read_header(f).items()}
-    _refuse_non_zit(path.name, infos)
+    _refuse_non_zit(path.name, infos, trainable)
     return files, config, _converted_shapes(infos)
 
 
 def checkpoint_spec(path: PathLike) -> ZitSpec:
     """The ZitSpec of a transformer checkpoint, from headers alone; refuses what load_transformer refuses."""
-    return spec_from_shapes(_transformer_checkpoint(Path(path))[2])
+    return spec_from_shapes(transformer_checkpoint(Path(path))[2])
 
 
 def load_transformer(
@@ -361,7 +366,7 @@ def load_transformer(
 ) -> ZImageTransformer2DModel:
     """Load a ZIT transformer (ComfyUI single file or diffusers folder) offline; frozen, eval mode."""
     path = Path(path)
-    files, config, shapes = _transformer_checkpoint(path)
+    files, config, shapes = transformer_checkpoint(path)
     model = _instantiate(config or transformer_config(spec_from_shapes(shapes)), "meta")
     _check_shapes(model, shapes, path.name)
     for f in files:
