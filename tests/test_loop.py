@@ -8,6 +8,7 @@ deterministic and the saved LoRAs are fp32 with alpha = rank (the folded scale i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ from trainer import loop, tiny
 from trainer.checkpoint import find_latest_checkpoint
 from trainer.cli import main as cli_main
 from trainer.config import ConfigError, TrainConfig, config_from_dict, config_to_toml
+from trainer.data import build_cache, cached_text_embeddings, load_dataset
 from trainer.demo import make_adapter, make_dataset
 from trainer.errors import ZitError
 from trainer.job import FAILED, STOPPED, JobRunner
@@ -425,6 +427,31 @@ def test_a_warm_cache_never_builds_the_encoders(tmp_path, images, monkeypatch):
     monkeypatch.setattr(tiny, "tiny_text_encoder", refuse)
     second = train(make_config(tmp_path / "b", images, tmp_path / "cache", optim={"steps": 2}))
     assert_same_tensors(tensors(second.lora_path), tensors(first.lora_path))
+
+
+def test_a_front_end_cache_trains_the_same_lora_and_a_miss_is_named(tmp_path, images):
+    """cache_only_models + a prepared dataset (the ComfyUI node's path): the encoders never run in the job;
+    a cache the front end filled with the same encodings trains exactly the engine's LoRA; a miss names the
+    hint."""
+    prompts = ["a red circle"]
+    sections = {"optim": {"steps": 2}, "preview": {"every": 2, "prompts": prompts, "width": SIZE,
+                                                    "height": SIZE, "turbo_steps": 2}}
+    own = train(make_config(tmp_path / "own", images, tmp_path / "own-cache", **sections))
+    cfg = make_config(tmp_path / "front", images, tmp_path / "front-cache", **sections)
+    dataset = load_dataset(images, [SIZE], min_side=32)
+    vae, te = tiny.tiny_vae(0), tiny.tiny_text_encoder(0)
+    build_cache(dataset, cfg.cache_path, vae.encode, te.encode, "front-vae", "front-te")
+    cached_text_embeddings(prompts, cfg.cache_path, te.encode, "front-te")
+    models = functools.partial(loop.cache_only_models, vae_id="front-vae", te_id="front-te", vae="tiny",
+                               hint="encode the dataset again")
+    front = train(cfg, models=models, dataset=dataset)
+    assert front.step == 2 and [p.name for p in front.previews] == ["step000000.png", "step000002.png"]
+    assert_same_tensors(tensors(front.lora_path), tensors(own.lora_path))
+
+    other = functools.partial(models, vae_id="another-vae")
+    with pytest.raises(loop.TrainingError, match="no image latent.*encode the dataset again"):
+        train(make_config(tmp_path / "miss", images, tmp_path / "front-cache", **sections), models=other,
+              dataset=dataset)
 
 
 # ---- the command line ----------------------------------------------------------------------------------

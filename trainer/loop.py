@@ -9,6 +9,7 @@ import math
 import shutil
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,27 +110,69 @@ def _text_encoder_source(cfg: TrainConfig) -> tuple[Path, Path | None]:
     return path, None
 
 
+OpenModels = Callable[[TrainConfig, torch.device], Models]
+"""Builds a run's Models from its config on a device: `open_models`, or a front end's `cache_only_models`."""
+
+
+def _open_transformer(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The job's private transformer and its identity ('tiny' = the seeded tiny model, float32 then cast)."""
+    dtype = DTYPES[cfg.model.dtype]
+    if cfg.model.transformer == "tiny":
+        from .tiny import tiny_transformer
+
+        model = tiny_transformer(0).to(device)
+        return (model.to(dtype) if dtype != torch.float32 else model), "tiny-0"
+    return load_transformer(cfg.model.transformer, dtype, device), file_identity(cfg.model.transformer)
+
+
 def open_models(cfg: TrainConfig, device: torch.device) -> Models:
     """Load the job's private transformer now; the text encoder and VAE only when the cache needs them."""
     dtype = DTYPES[cfg.model.dtype]
+    model, base_id = _open_transformer(cfg, device)
     if cfg.model.transformer == "tiny":
-        from .tiny import tiny_text_encoder, tiny_transformer, tiny_vae
+        from .tiny import tiny_text_encoder, tiny_vae
 
-        model = tiny_transformer(0).to(device)  # float32
-        if dtype != torch.float32:
-            model.to(dtype)
         te_factory = lambda: _to(tiny_text_encoder(0), device)  # noqa: E731
         vae_factory = lambda: _to(tiny_vae(0), device)  # noqa: E731
-        ids = ("tiny-0", "tiny-vae-0", "tiny-te-0")
+        ids = ("tiny-vae-0", "tiny-te-0")
     else:
-        model = load_transformer(cfg.model.transformer, dtype, device)
         te_path, tokenizer = _text_encoder_source(cfg)
         vae_path = Path(cfg.model.vae or cfg.model.transformer)
         te_factory = lambda: load_text_encoder(te_path, dtype, device, tokenizer=tokenizer)  # noqa: E731
         vae_factory = lambda: load_vae(vae_path, dtype, device)  # noqa: E731
-        ids = (file_identity(cfg.model.transformer), file_identity(vae_path), file_identity(te_path))
+        ids = (file_identity(vae_path), file_identity(te_path))
     return Models(model, LazyEncoder(lambda: _vae_encoder(vae_factory())),
-                  LazyEncoder(lambda: te_factory().encode), *ids, vae_factory)
+                  LazyEncoder(lambda: te_factory().encode), base_id, *ids, vae_factory)
+
+
+def cache_only_models(cfg: TrainConfig, device: torch.device, *, vae_id: str, te_id: str, vae: str | None,
+                      hint: str) -> Models:
+    """The job's transformer with encoders that refuse to run, for a front end that wrote every latent and
+    text embedding (captions, the empty caption, preview prompts) to the cache itself under `vae_id` and
+    `te_id` (the ComfyUI node, with the graph's own VAE and text encoder).
+
+    A cache miss is a TrainingError ending in `hint`. Previews decode with the VAE file `vae` ('tiny' = the
+    tiny VAE), loaded by the job itself; None refuses previews.
+    """
+    dtype = DTYPES[cfg.model.dtype]
+    model, base_id = _open_transformer(cfg, device)
+
+    def refuse(what: str) -> Callable[[], Any]:
+        def build() -> Any:
+            raise TrainingError(f"the cache {cfg.cache_path} has no {what} for these encoders; {hint}")
+        return build
+
+    def vae_factory() -> Any:
+        if vae is None:
+            raise TrainingError(f"previews need the VAE as a file the job can load; {hint}")
+        if vae == "tiny":
+            from .tiny import tiny_vae
+
+            return _to(tiny_vae(0), device)
+        return load_vae(vae, dtype, device)
+
+    return Models(model, LazyEncoder(refuse("image latent")), LazyEncoder(refuse("text embedding")), base_id,
+                  vae_id, te_id, vae_factory)
 
 
 def _to(wrapper, device: torch.device):
@@ -145,7 +188,10 @@ def _vae_encoder(vae):
 class Trainer:
     """One training run: build everything from the config, then `run()` the step loop."""
 
-    def __init__(self, cfg: TrainConfig, ctx: JobContext | None = None, resume: bool | str = False):
+    def __init__(self, cfg: TrainConfig, ctx: JobContext | None = None, resume: bool | str = False, *,
+                 models: OpenModels | None = None, dataset: Dataset | None = None):
+        """`models` builds the run's Models (default `open_models`); `dataset` is the folder as a front end
+        already scanned it with cfg.data's settings (default: scan it here)."""
         self.cfg, self.ctx = cfg, ctx
         self.device = pick_device()
         self.run_dir = Path(cfg.run_dir)
@@ -154,10 +200,10 @@ class Trainer:
         self.previews: list[Path] = []
         self.step = 0
         # Bad data and a bad adapter file are refused before a 12 GB model is loaded.
-        self.dataset = self._scan_dataset()
+        self.dataset = dataset if dataset is not None else self._scan_dataset()
         self.adapter = read_lora(cfg.turbo.adapter) if cfg.turbo.mode != "sft" else None
         self._emit("log", message=f"loading the model on {self.device}")
-        self.models = open_models(cfg, self.device)
+        self.models = (models or open_models)(cfg, self.device)
         self.model = self.models.transformer
         self._prepare_data()
         self._prepare_lora()
@@ -377,6 +423,7 @@ class Trainer:
         return TrainResult(final, self.step, self.losses, stopped, self.previews)
 
 
-def train(cfg: TrainConfig, ctx: JobContext | None = None, resume: bool | str = False) -> TrainResult:
+def train(cfg: TrainConfig, ctx: JobContext | None = None, resume: bool | str = False, *,
+          models: OpenModels | None = None, dataset: Dataset | None = None) -> TrainResult:
     """Run a whole training job from a validated config (the CLI and the ComfyUI node both call this)."""
-    return Trainer(cfg, ctx, resume).run()
+    return Trainer(cfg, ctx, resume, models=models, dataset=dataset).run()
