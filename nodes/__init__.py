@@ -8,8 +8,10 @@ from .adapters import (
     ZITTrainingAdapterAttach,
     ZITTrainingAdapterRemove,
 )
+from .dataset import ZITDataset
 from .loaders import ZITLoadModel
 from .lora_nodes import ZITLoraConvert, ZITLoraInspect, ZITLoraLoaderBlockWeight, ZITLoraMergeSave
+from .training import ZITStopTraining, ZITTrain
 
 
 class ZitExtension(ComfyExtension):
@@ -26,9 +28,15 @@ class ZitExtension(ComfyExtension):
             ZITLoraInspect,
             ZITLoraConvert,
             ZITLoadModel,
+            ZITDataset,
+            ZITTrain,
+            ZITStopTraining,
         ]
 
 
 from .block_routes import register_block_routes  # noqa: E402 - routes of the browser's block-weight editor
 
 register_block_routes()
+from .routes import register_routes  # noqa: E402 - training jobs: /zit/jobs routes and zit.* events
+
+register_routes()

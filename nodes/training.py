@@ -1,0 +1,584 @@
+"""ZIT Train and ZIT Stop Training: a LoRA training job on a background thread, beside ComfyUI's queue.
+
+Where things go (names, not paths, reach the browser):
+- the run: <output>/zit-trainer/runs/<name>/ (step LoRAs, training states, previews); the cache is
+  <output>/zit-trainer/cache (written by ZIT Dataset);
+- the LoRAs: every step LoRA and the final one are mirrored (hard links, else copies) into
+  <loras>/zit-trainer/<name>/ as they are saved, so core LoRA loaders list them; the node's lora_name
+  output is `zit-trainer/<name>/<name>.safetensors`. Training states never enter the loras folder.
+
+The job: ZIT Train checks everything it can in the prompt thread (the MODEL's file is a trainable Z-Image
+transformer without LoRA patches, the settings and the advanced TOML validate, the preview prompts are
+encoded into the cache with the dataset's text encoder), asks ComfyUI to unload its models and empty its
+cache, then starts the job and returns (or, with `wait`, blocks with progress on the node; Cancel stops the
+job, which saves a checkpoint first). The job thread loads its own copy of the transformer from the MODEL's
+file with the engine (never ComfyUI's module, never an inference-mode tensor), trains from the cache only
+(`trainer.loop.cache_only_models`: a cache miss is an error, no text encoder or VAE is loaded), and decodes
+previews with the VAE file the dataset's VAE was loaded from. One training job runs at a time.
+
+GPU memory while the user samples during training (ComfyUI's queue keeps running):
+- ComfyUI and the job share one process and one CUDA caching allocator. ComfyUI's memory manager counts
+  what the job has allocated as used VRAM, so it loads the next model only partly (offloading the rest,
+  as in low-VRAM mode) or unloads other models: sampling runs, slower, and the job keeps its memory.
+- The job's per-step working memory (activations) is freed between steps and sits in PyTorch's cache,
+  which ComfyUI counts as free. While the job runs on CUDA, the pack therefore adds the job's working
+  memory (the process's peak allocation minus what is allocated at a step boundary, a conservative
+  figure) to `comfy.model_management.EXTRA_RESERVED_VRAM` (ComfyUI's --reserve-vram), and takes it away
+  when the job ends.
+- If the two still do not fit, whichever side allocates last gets a CUDA out-of-memory error, and neither
+  process crashes: a sampling prompt fails with ComfyUI's OOM message (ComfyUI then unloads its models)
+  and the queue goes on; the job ends as "failed" with "out of GPU memory ... the last checkpoint is
+  intact", and POST /zit/jobs/{id}/resume continues it from that checkpoint.
+- The job never calls ComfyUI's model management: only the prompt thread unloads ComfyUI's models (ZIT
+  Train before it starts a job; the resume route asks the prompt worker through ComfyUI's own
+  "unload_models" queue flag and the job waits until the worker has taken it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..trainer.config import FIELDS
+from . import jobs
+from .dataset import CATEGORY, WORK_FOLDER, ZitDataset, ZitDatasetType, work_root
+
+ZitJobType = io.Custom("ZIT_JOB")
+NONE = "none"
+TURBO = ("adapter", "adapter_dg", "sft")
+TURBO_TIP = (
+    "How the LoRA keeps 8-step turbo sampling. adapter: train over the de-distilling training adapter "
+    "(merged in the job), then load the LoRA without it and sample 8 steps at cfg 1. adapter_dg: the same "
+    "plus differential guidance from the frozen base (turbo.guidance_scale in advanced). sft: plain LoRA on "
+    "ZIT; sample it de-turbo (about 30 steps, cfg 2) or 8 steps with the DistillPatch attached.")
+HINT = ("the dataset changed since ZIT Dataset encoded it, or the cache was cleared: queue the workflow "
+        "again so ZIT Dataset re-encodes it")
+ADVANCED_EXAMPLE = "# e.g.\n# [optim]\n# scheduler = \"cosine\"\n# warmup_steps = 100\n"
+SET_BY_DATASET = "the ZIT Dataset node"
+OWNED = {  # config keys the node sets from its inputs; advanced may not set them
+    "model.transformer": "the model input (its file)",
+    "model.text_encoder": "the dataset's text encoder",
+    "model.vae": "the dataset's VAE",
+    "model.gradient_checkpointing": "the gradient_checkpointing input",
+    **{f"data.{key}": SET_BY_DATASET for key in ("dataset", "caption", "trigger", "caption_ext",
+                                                 "missing_caption", "bad_image", "min_side", "resolutions",
+                                                 "recursive", "cache_dir")},
+    "data.batch_size": "the batch_size input",
+    "lora.rank": "the rank input",
+    "turbo.mode": "the turbo input",
+    "turbo.adapter": "the adapter input",
+    "optim.optimizer": "the optimizer input",
+    "optim.lr": "the learning_rate input",
+    "optim.steps": "the steps input",
+    "optim.seed": "the seed input",
+    "save.output_dir": "the node (runs live in <output>/zit-trainer/runs)",
+    "save.name": "the name input",
+    "save.every": "the save_every input",
+    "preview.prompts": "the preview_prompts input",
+    "preview.every": "the preview_every input",
+}
+
+
+# ---- names and folders -----------------------------------------------------------------------------------
+
+
+def runs_root() -> Path:
+    return work_root() / "runs"
+
+
+def lora_dir(name: str) -> Path:
+    """<loras>/zit-trainer/<name>: where the run's LoRA files are published."""
+    return Path(folder_paths.get_folder_paths("loras")[0]) / WORK_FOLDER / name
+
+
+def lora_name(name: str) -> str:
+    """The loras-folder name of a run's final LoRA, as LoRA loaders list it."""
+    return f"{WORK_FOLDER}/{name}/{name}.safetensors"
+
+
+def _used(name: str) -> bool:
+    return any(p.exists() and any(p.iterdir()) for p in (runs_root() / name, lora_dir(name)))
+
+
+def fresh_name(name: str) -> str:
+    """The run name, or name_001, name_002, ... when a run of that name already has files."""
+    for n in range(100000):
+        candidate = name if n == 0 else f"{name}_{n:03d}"
+        if not _used(candidate):
+            return candidate
+    raise jobs.JobError(409, f"no free run name for {name!r}")
+
+
+def adapter_choices() -> tuple[list[str], str]:
+    """'none' and the loras; the default is the first whose name says training adapter, else 'none'."""
+    names = folder_paths.get_filename_list("loras")
+    pick = next((n for n in names if "training_adapter" in n.lower()), None)
+    pick = pick or next((n for n in names if "adapter" in n.lower()), NONE)
+    return [NONE, *names], pick
+
+
+# ---- the config ------------------------------------------------------------------------------------------
+
+
+def parse_advanced(text: str) -> dict[str, dict[str, Any]]:
+    """The advanced TOML as {section: {key: value}}; ConfigError listing every bad, unknown or owned key."""
+    from ..trainer.config import ConfigError, check_field, tomllib
+
+    source = "advanced settings"
+    try:
+        raw = tomllib.loads(text or "")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
+    errors: list[str] = []
+    for section, values in raw.items():
+        items = values.items() if isinstance(values, dict) else [(None, values)]
+        for key, value in items:
+            dotted = section if key is None else f"{section}.{key}"
+            if dotted in OWNED:
+                errors.append(f"{dotted} is set by {OWNED[dotted]}; remove it from the advanced settings")
+                continue
+            try:
+                check_field(dotted, value)
+            except ConfigError as exc:
+                errors.extend(exc.errors)
+    if errors:
+        raise ConfigError(source, errors)
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The node's widgets that go into the config."""
+
+    name: str
+    turbo: str
+    adapter: str | None  # file path
+    steps: int
+    learning_rate: float
+    rank: int
+    optimizer: str
+    batch_size: int
+    gradient_checkpointing: bool
+    save_every: int
+    preview_prompts: tuple[str, ...]
+    preview_every: int
+    seed: int
+    advanced: str
+
+
+def build_config(s: Settings, transformer: str, data: ZitDataset) -> Any:
+    """The validated TrainConfig of the node's inputs, the dataset's settings and the advanced TOML."""
+    from ..trainer.config import config_from_dict
+
+    overrides = parse_advanced(s.advanced)
+    base: dict[str, dict[str, Any]] = {
+        "model": {"transformer": transformer, "text_encoder": data.te_file or f"<ComfyUI CLIP {data.te_id}>",
+                  "vae": data.vae_file or f"<ComfyUI VAE {data.vae_id}>",
+                  "gradient_checkpointing": s.gradient_checkpointing},
+        "data": {**data.data, "batch_size": s.batch_size},
+        "lora": {"rank": s.rank, "alpha": float(s.rank)},
+        "turbo": {"mode": s.turbo, **({"adapter": s.adapter or ""} if s.turbo != "sft" else {})},
+        "optim": {"optimizer": s.optimizer, "lr": s.learning_rate, "steps": s.steps, "seed": s.seed},
+        "save": {"output_dir": str(runs_root()), "name": s.name, "every": s.save_every},
+        "preview": {"every": s.preview_every if s.preview_prompts else 0, "prompts": list(s.preview_prompts)},
+    }
+    for section, values in overrides.items():
+        base.setdefault(section, {}).update(values)
+    return config_from_dict(base, source="ZIT Train")
+
+
+# ---- the job ---------------------------------------------------------------------------------------------
+
+
+def _place(source: Path, target: Path) -> None:
+    """Put `source` at `target` atomically: a hard link, else a copy; nothing to do if it is already there."""
+    if target.exists():
+        if os.path.samefile(source, target):
+            return
+        a, b = source.stat(), target.stat()
+        if (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns):
+            return
+    staged = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        try:
+            os.link(source, staged)
+        except OSError:  # another file system, or no hard links
+            shutil.copy2(source, staged)
+        os.replace(staged, target)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def publish(run_dir: Path, target: Path, name: str) -> None:
+    """Mirror the run's step LoRAs and final LoRA into `target`; step files the run no longer keeps go too."""
+    from ..trainer.checkpoint import list_checkpoints
+
+    target.mkdir(parents=True, exist_ok=True)
+    wanted = {c.lora.name: c.lora for c in list_checkpoints(run_dir, name) if c.lora is not None}
+    final = run_dir / f"{name}.safetensors"
+    if final.is_file():
+        wanted[final.name] = final
+    for file_name, source in wanted.items():
+        _place(source, target / file_name)
+    steps = re.compile(rf"^{re.escape(name)}-step\d{{6,}}\.safetensors$")
+    for entry in target.iterdir():
+        if steps.match(entry.name) and entry.name not in wanted:
+            entry.unlink(missing_ok=True)
+
+
+class VramReserve:
+    """The job's per-step working memory, kept in ComfyUI's EXTRA_RESERVED_VRAM while it trains on CUDA."""
+
+    def __init__(self) -> None:
+        self.added = 0
+
+    def update(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        import comfy.model_management as mm
+
+        working = max(0, torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated())
+        if working > self.added:
+            mm.EXTRA_RESERVED_VRAM += working - self.added
+            self.added = working
+
+    def release(self) -> None:
+        if self.added:
+            import comfy.model_management as mm
+
+            mm.EXTRA_RESERVED_VRAM -= self.added
+            self.added = 0
+
+
+class _NodeContext:
+    """The engine's JobContext as the node's job sees it: checkpoints are published to the loras folder
+    before their event goes out (with their loras names), and progress keeps the VRAM reserve current."""
+
+    def __init__(self, ctx: Any, cfg: Any, reserve: VramReserve) -> None:
+        self.ctx, self.reserve = ctx, reserve
+        self.run_dir, self.name = Path(cfg.run_dir), cfg.save.name
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.ctx.stop_requested
+
+    def emit(self, kind: str, **data: Any) -> None:
+        if kind == "checkpoint":
+            try:
+                publish(self.run_dir, lora_dir(self.name), self.name)
+                step_file = Path(data["path"]).name
+                data.update(lora_name=f"{WORK_FOLDER}/{self.name}/{step_file}", final=lora_name(self.name))
+            except OSError as exc:
+                self.ctx.emit("log", message=f"could not put the LoRA into the loras folder: {exc}")
+        elif kind == "progress":
+            self.reserve.update()
+        self.ctx.emit(kind, **data)
+
+
+def _wait_for_unload(ctx: Any) -> None:
+    """Ask ComfyUI's prompt worker to unload its models (the flag /free sets); wait until it took the flag."""
+    import time
+
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    queue = getattr(instance, "prompt_queue", None)
+    if queue is None:
+        return
+    queue.set_flag("unload_models", True)
+    ctx.emit("log", message="waiting for ComfyUI's prompt worker to unload its models")
+    while "unload_models" in queue.get_flags(reset=False) and not ctx.stop_requested:
+        time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class Work:
+    """A run's job work: train from the cache only, publishing LoRAs into the loras folder as they are saved.
+
+    `Work(cfg, data)(resume)` is the work function. resume False / True come from ZIT Train (the prompt
+    thread, which has unloaded ComfyUI's models already); a training-state folder comes from the resume
+    route, so that job first has ComfyUI's prompt worker unload its models.
+    """
+
+    cfg: Any
+    data: ZitDataset
+
+    def __call__(self, resume: bool | str) -> Any:
+        return functools.partial(self.run, resume=resume)
+
+    def run(self, ctx: Any, resume: bool | str) -> Any:
+        import torch
+
+        from ..trainer.loop import cache_only_models, train
+
+        if isinstance(resume, str):
+            _wait_for_unload(ctx)
+        reserve = VramReserve()
+        models = functools.partial(cache_only_models, vae_id=self.data.vae_id, te_id=self.data.te_id,
+                                   vae=self.data.vae_file, hint=HINT)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # the job's own thread, made explicit
+                return train(self.cfg, _NodeContext(ctx, self.cfg, reserve), resume, models=models,
+                             dataset=self.data.dataset)
+        finally:
+            reserve.release()
+
+
+def make_run(cfg: Any, data: ZitDataset) -> jobs.Run:
+    """The jobs-registry record of a run: its files, its LoRA's loras name and its work."""
+    name = cfg.save.name
+    return jobs.Run(name=name, run_dir=Path(cfg.run_dir), lora_name=lora_name(name),
+                    steps=cfg.optim.steps, work=Work(cfg, data))
+
+
+# ---- waiting in the prompt thread ------------------------------------------------------------------------
+
+
+def wait_with_progress(job: Any, steps: int) -> None:
+    """Block until the job ends, with its progress and latest preview on the node; Cancel stops the job."""
+    import comfy.model_management as mm
+    import comfy.utils
+    from PIL import Image
+
+    bar = comfy.utils.ProgressBar(steps)
+    shown = None
+    try:
+        while not job.wait(0.5):
+            mm.throw_exception_if_processing_interrupted()
+            last = job.snapshot()["last"]
+            preview = last.get("preview", {}).get("path")
+            image = None
+            if preview and preview != shown:
+                shown = preview
+                with Image.open(preview) as img:
+                    image = ("PNG", img.copy(), 512)
+            bar.update_absolute(last.get("progress", {}).get("step", 0), steps, image)
+    except mm.InterruptProcessingException:
+        job.stop()
+        job.wait()
+        raise
+
+
+# ---- the nodes -------------------------------------------------------------------------------------------
+
+
+def _model_file(model: Any) -> str:
+    """The trainable file/folder behind a MODEL; ZitError saying what to do for any other MODEL."""
+    from ..trainer.errors import ZitError
+    from ..trainer.model import checkpoint_spec
+    from .loaders import model_source
+
+    source = model_source(model)
+    if source is None:
+        raise ZitError("ZIT Train reloads the model from its file, and this MODEL has none it knows: load it "
+                       "with 'Load Diffusion Model' (UNETLoader) or 'Load ZIT' from a diffusion_models file "
+                       "or a diffusers folder")
+    if getattr(model, "patches", None):
+        raise ZitError("this MODEL carries LoRA patches (a LoRA loader or an adapter attach node): ZIT Train "
+                       "trains on the plain base reloaded from its file, so connect the loader's MODEL "
+                       "directly; choose the training adapter with the turbo and adapter inputs")
+    checkpoint_spec(source.path)  # a trainable Z-Image transformer (not fp8, GGUF, Nunchaku, Flux, ...)
+    return source.path
+
+
+def _prompts(text: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+
+
+class ZITTrain(io.ComfyNode):
+    """Start a ZIT LoRA training job on a background thread (optionally wait for it)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        adapters, adapter_default = adapter_choices()
+        optimizers = list(FIELDS["optim.optimizer"].choices)
+        return io.Schema(
+            node_id="ZITTrain",
+            display_name="ZIT Train LoRA",
+            category=CATEGORY,
+            description=(
+                "Trains a Z-Image-Turbo LoRA on a background thread and returns at once, so ComfyUI's "
+                "queue keeps running (turn on wait to block until it ends, with progress here; Cancel stops "
+                "it after saving). The job reloads its own copy of the model from the MODEL's file (Load "
+                "Diffusion Model or Load ZIT), frees ComfyUI's VRAM before it starts, trains from the cache "
+                "ZIT Dataset wrote, and saves step LoRAs into models/loras/zit-trainer/<name>/ for any LoRA "
+                "loader. Follow it in the ZIT panel or at /zit/jobs; stop it with 'ZIT Stop Training'."),
+            inputs=[
+                io.Model.Input("model", tooltip=(
+                    "The Z-Image-Turbo diffusion model from 'Load Diffusion Model' or 'Load ZIT' (bf16/fp32 "
+                    "file or diffusers folder, no LoRA attached). The job loads its own copy from that "
+                    "file.")),
+                ZitDatasetType.Input("dataset", tooltip="The encoded dataset from ZIT Dataset."),
+                io.String.Input("name", default="zit_lora", tooltip=(
+                    "Run and LoRA name. The LoRA is saved as zit-trainer/<name>/<name>.safetensors in the "
+                    "loras folder; if that run already exists a counter is added (name_001, ...) unless "
+                    "resume is on.")),
+                io.Combo.Input("turbo", options=list(TURBO), default="adapter", tooltip=TURBO_TIP),
+                io.Combo.Input("adapter", options=adapters, default=adapter_default, tooltip=(
+                    "The training adapter LoRA (ostris zimage_turbo_training_adapter v1/v2) from the loras "
+                    "folder, merged into the base while training (turbo adapter/adapter_dg); not saved into "
+                    "the LoRA. Unused with sft.")),
+                io.Int.Input("steps", default=2000, min=1, max=1000000, tooltip=(
+                    "Optimizer steps; 2000-3000 suit a ZIT style or character LoRA at lr 1e-4.")),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=10.0, step=1e-5, round=1e-8,
+                               tooltip="Peak learning rate (prodigy: a multiplier of its estimate, use 1)."),
+                io.Int.Input("rank", default=32, min=1, max=4096, tooltip=(
+                    "LoRA rank; alpha follows it (scale 1) unless lora.alpha is set in advanced.")),
+                io.Combo.Input("optimizer", options=optimizers, default="adamw", tooltip=(
+                    "Optimizer: adamw (default), adamw8bit (needs bitsandbytes), lion, prodigy (needs "
+                    "prodigyopt; lr about 1.0), adafactor.")),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip=(
+                    "Samples per step (from one aspect bucket).")),
+                io.Boolean.Input("gradient_checkpointing", default=True, tooltip=(
+                    "Recompute activations in the backward pass: much less VRAM, about 30% slower.")),
+                io.Int.Input("save_every", default=250, min=0, max=1000000, tooltip=(
+                    "Save a step LoRA (and a resumable training state) every N steps; 0 = only at the end. "
+                    "A stopped or failed run keeps its last save.")),
+                io.String.Input("preview_prompts", default="", multiline=True, tooltip=(
+                    "Preview prompts, one per line, sampled with the LoRA (adapter off, 8 steps, cfg 1) "
+                    "every preview_every steps; empty = no previews.")),
+                io.Int.Input("preview_every", default=250, min=0, max=1000000, tooltip=(
+                    "Sample the preview prompts every N steps (0 = never).")),
+                io.Int.Input("seed", default=42, min=0, max=2**63 - 1, tooltip=(
+                    "Seed of the run (LoRA init, noise, timesteps, data order).")),
+                io.Boolean.Input("wait", default=False, tooltip=(
+                    "Block this prompt until training ends (progress on the node, Cancel stops the job). "
+                    "Off: return at once and let the queue run other prompts while it trains.")),
+                io.Boolean.Input("resume", default=False, tooltip=(
+                    "Continue the run called name from its latest saved training state instead of starting "
+                    "a new run.")),
+                io.String.Input("advanced", default="", multiline=True, placeholder=ADVANCED_EXAMPLE,
+                                tooltip=(
+                    "More settings as TOML tables, checked when queued, e.g. [optim] scheduler = \"cosine\", "
+                    "[lora] targets = \"attention\", [objective] timesteps = \"turbo\", [model] dtype = "
+                    "\"fp16\", [preview] width = 768. Keys set by the inputs above are refused.")),
+            ],
+            outputs=[
+                io.Combo.Output(display_name="lora_name", tooltip=(
+                    "The loras-folder name of the trained LoRA (zit-trainer/<name>/<name>.safetensors), for "
+                    "ZIT LoRA Loader (Block Weight). It exists once the first save is written (at the end "
+                    "with wait on).")),
+                ZitJobType.Output(display_name="job", tooltip="The training job, for ZIT Stop Training."),
+            ],
+            is_output_node=True,
+            search_aliases=["zit train", "train lora", "lora training", "z-image lora trainer"],
+        )
+
+    @classmethod
+    def validate_inputs(cls, name: str | None = None, advanced: str | None = None) -> bool | str:
+        from ..trainer.config import ConfigError, check_field
+
+        try:
+            if name is not None:
+                check_field("save.name", name)
+            if advanced is not None:
+                parse_advanced(advanced)
+        except ConfigError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, model: Any, dataset: ZitDataset, name: str, turbo: str, adapter: str, steps: int,
+                learning_rate: float, rank: int, optimizer: str, batch_size: int,
+                gradient_checkpointing: bool, save_every: int, preview_prompts: str, preview_every: int,
+                seed: int, wait: bool, resume: bool, advanced: str) -> io.NodeOutput:
+        import comfy.model_management
+
+        from ..trainer.config import check_field
+        from ..trainer.data import cached_text_embeddings
+        from ..trainer.errors import ZitError
+        from ..trainer.job import FAILED
+
+        transformer = _model_file(model)
+        name = check_field("save.name", name)
+        if turbo != "sft" and adapter == NONE:
+            raise ZitError(f"turbo {turbo!r} trains over the training adapter: pick its file in adapter "
+                           "(e.g. zimage_turbo_training_adapter_v2.safetensors in models/loras), or use "
+                           "turbo sft")
+        adapter_file = folder_paths.get_full_path_or_raise("loras", adapter) if turbo != "sft" else None
+        if resume:
+            from ..trainer.checkpoint import list_checkpoints
+
+            if not any(c.state for c in list_checkpoints(runs_root() / name, name)):
+                raise ZitError(f"resume: run {name!r} has no saved training state in "
+                               f"<output>/{WORK_FOLDER}/runs/{name}; turn resume off to start it")
+        else:
+            name = fresh_name(name)
+        settings = Settings(name, turbo, adapter_file, steps, learning_rate, rank, optimizer, batch_size,
+                            gradient_checkpointing, save_every, _prompts(preview_prompts), preview_every,
+                            seed, advanced)
+        cfg = build_config(settings, transformer, dataset)
+        if cfg.preview.every and dataset.vae_file is None:
+            raise ZitError("previews need the VAE loaded from a file (Load VAE, or Load ZIT with a vae file) "
+                           "so the job can decode them; or leave preview_prompts empty")
+        if cfg.preview.prompts:  # the job never runs the text encoder: encode the prompts here
+            cached_text_embeddings([*cfg.preview.prompts, ""], cfg.cache_path, dataset.encode_text,
+                                   dataset.te_id)
+        busy = jobs.running()
+        if busy:
+            raise ZitError(f"training job {busy[0].id} ({busy[0].name}) is still running; stop it first "
+                           "(ZIT Stop Training, or the ZIT panel)")
+        comfy.model_management.unload_all_models()  # the prompt thread: the one place ComfyUI's models move
+        comfy.model_management.soft_empty_cache()
+        job = jobs.start(make_run(cfg, dataset), resume=bool(resume))
+        if wait:
+            wait_with_progress(job, cfg.optim.steps)
+            if job.status == FAILED:
+                raise ZitError(f"training job {job.id} failed: {job.error}")
+            text = f"training job {job.id} {job.status} at step {job.result.step}: {lora_name(name)}"
+        else:
+            text = (f"training job {job.id} started: {cfg.optim.steps} steps, LoRA {lora_name(name)} "
+                    f"(follow it in the ZIT panel)")
+        return io.NodeOutput(lora_name(name), job, ui=ui.PreviewText(text))
+
+
+class ZITStopTraining(io.ComfyNode):
+    """Ask a training job (or every running one) to stop; it saves a checkpoint first."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ZITStopTraining",
+            display_name="ZIT Stop Training",
+            category=CATEGORY,
+            description=(
+                "Stops a ZIT training job gracefully: it finishes its step, saves a LoRA and a resumable "
+                "state, and ends as 'stopped' (resume it from the ZIT panel or POST /zit/jobs/{id}/resume). "
+                "Queue it on its own: linked to ZIT Train in the same prompt it would stop the job at once."),
+            inputs=[
+                ZitJobType.Input("job", optional=True, tooltip="The job from ZIT Train (optional)."),
+                io.String.Input("job_id", default="", optional=True, tooltip=(
+                    "A job id from the ZIT panel or /zit/jobs (e.g. train-1); empty with no job input = "
+                    "every running training job.")),
+            ],
+            outputs=[],
+            is_output_node=True,
+            search_aliases=["zit stop", "stop training", "cancel training"],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs: Any) -> float:
+        return float("nan")  # never cached: every queued Stop acts
+
+    @classmethod
+    def execute(cls, job: Any = None, job_id: str = "") -> io.NodeOutput:
+        if job is not None:
+            targets = [job]
+        elif job_id.strip():
+            targets = [jobs.get(job_id.strip())[0]]
+        else:
+            targets = jobs.running()
+        lines = [f"stop requested: {t.id} ({t.name})" if t.stop() else
+                 f"{t.id} had already ended ({t.status})" for t in targets]
+        return io.NodeOutput(ui=ui.PreviewText("\n".join(lines) or "no training job is running"))
