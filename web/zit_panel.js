@@ -20,7 +20,7 @@ const TAB_ID = "zit-trainer";
 const FINISHED = new Set(["done", "stopped", "failed"]);
 const LOG_LINES = 50;
 const STORAGE = { selected: "zit.panel.selected", smoothing: "zit.panel.smoothing" };
-const COLORS = { raw: "rgba(120, 170, 255, 0.35)", smooth: "#4f8cff", lr: "#f0a040", grid: "rgba(128,128,128,0.25)" };
+const COLORS = { raw: "rgba(150, 185, 255, 0.5)", smooth: "#4f8cff", lr: "#f0a040", grid: "rgba(128,128,128,0.25)" };
 
 // ------------------------------------------------------------------------------------------------------------
 // The store: every job the server reports, with the series the detail route gave and the events added since.
@@ -358,9 +358,8 @@ class LossChart {
       return;
     }
     const smooth = smoothSeries(loss, this.smoothing);
-    const steps = Number(this.job.snap.last?.progress?.steps) || 0;
-    const x0 = Math.min(loss[0][0], 0);
-    const x1 = Math.max(loss[loss.length - 1][0], steps, x0 + 1);
+    const x0 = Math.min(loss[0][0], 0); // the steps trained so far (the progress bar shows the rest)
+    const x1 = Math.max(loss[loss.length - 1][0], x0 + 1);
     // the y range leaves out the top 1% of the raw loss, so one spike does not flatten the curve
     const sorted = loss.map((p) => p[1]).sort((a, b) => a - b);
     const [sLo, sHi] = extent(smooth);
@@ -518,7 +517,7 @@ function jobStats(snap) {
     [finished ? "took" : "ETA", finished && snap.finished
       ? formatDuration(snap.finished - (snap.started ?? snap.finished))
       : formatDuration(p.eta_s)],
-    ["mem", p.mem_gb !== undefined && p.mem_gb !== null ? `${formatNumber(p.mem_gb, 3)} GB` : "–"],
+    ["mem", p.mem_gb ? `${formatNumber(p.mem_gb, 3)} GB` : "–"], // 0 on the CPU: nothing measured
   ];
 }
 
@@ -689,6 +688,7 @@ const CSS = `
 .zit-badge.zit-stopping { background: #b26a00; color: #fff; }
 .zit-badge.zit-failed { background: #c62828; color: #fff; }
 .zit-badge.zit-done { background: #1565c0; color: #fff; }
+.zit-detail .zit-muted, .zit-error { overflow-wrap: anywhere; }
 .zit-detail { display: flex; flex-direction: column; gap: 6px; border-top: 1px solid var(--border-color, #444);
   padding-top: 8px; }
 .zit-stats { display: grid; grid-template-columns: repeat(3, 1fr); gap: 4px; }
@@ -718,22 +718,24 @@ const CSS = `
 .zit-log { font-size: 11px; opacity: 0.75; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .zit-section { font-weight: 600; margin-top: 4px; }
 .zit-previews { display: flex; flex-direction: column; gap: 4px; }
-.zit-preview-main { width: 100%; border-radius: 4px; image-rendering: auto; display: block; }
+.zit-preview-main { width: 100%; max-height: 260px; object-fit: contain; border-radius: 4px; display: block; }
 .zit-thumbs { display: flex; gap: 4px; overflow-x: auto; }
 .zit-thumb { height: 48px; border-radius: 3px; cursor: pointer; opacity: 0.7; }
 .zit-thumb.zit-selected, .zit-thumb:hover { opacity: 1; outline: 2px solid #4f8cff; }
 `;
 
+// listen from the module's start: the socket may already deliver events before the extension's setup
+onServerEvent("zit.progress", onProgress);
+onServerEvent("zit.preview", onPreview);
+onServerEvent("zit.status", onStatus);
+onServerEvent("zit.checkpoint", onCheckpoint);
+onServerEvent("zit.log", onLog);
+api.addEventListener("reconnected", () => refreshJobs()); // events sent while disconnected are lost
+
 app.registerExtension({
   name: "zit.trainer.panel",
   async setup() {
     addStyle("zit-panel-style", CSS);
-    onServerEvent("zit.progress", onProgress);
-    onServerEvent("zit.preview", onPreview);
-    onServerEvent("zit.status", onStatus);
-    onServerEvent("zit.checkpoint", onCheckpoint);
-    onServerEvent("zit.log", onLog);
-    api.addEventListener("reconnected", () => refreshJobs()); // events sent while disconnected are lost
     app.extensionManager.registerSidebarTab({
       id: TAB_ID,
       icon: "pi pi-chart-line",
