@@ -106,8 +106,8 @@ class BlockEditor {
       "aria-label": title, title, dataset: { key },
     });
     input.addEventListener("input", () => onInput(Number(input.value)));
-    input.addEventListener("focus", () => this.setFocus(key));
-    input.addEventListener("pointerenter", () => this.setFocus(key));
+    input.addEventListener("focus", () => this.setFocus(key)); // clicked or tabbed to (not hovered: the mouse
+    input.addEventListener("pointerdown", () => this.setFocus(key)); // crosses other sliders on its way)
     input.addEventListener("dblclick", () => onInput(1));
     this.sliders.set(key, input);
     return el("div.zit-bw-cell", { dataset: { key } }, input, el("span.zit-bw-label", {}, label));
@@ -135,6 +135,10 @@ class BlockEditor {
       type: "number", step: String(STEP), title: "Type any value (also outside 0..2)", disabled: true,
     });
     this.focusInput.addEventListener("change", () => this.typeValue());
+    this.focusInput.addEventListener("keydown", (e) => {
+      e.stopPropagation(); // typing here is not a canvas shortcut (Delete would remove the node)
+      if (e.key === "Enter") this.typeValue();
+    });
     this.status = el("div.zit-bw-status");
     this.element.replaceChildren(
       el("div.zit-bw-row",

@@ -2,7 +2,8 @@
 // EMA-smoothed, with the learning rate), preview images as they arrive, and stop / resume.
 //
 // State comes from the routes (GET /zit/jobs, GET /zit/jobs/<id>), so the panel survives a page reload; the
-// server's events (zit.progress, zit.preview, zit.status, zit.log, zit.checkpoint) keep it live in between.
+// server's events (zit.progress, zit.preview, zit.status, zit.log, zit.checkpoint, zit.cache) keep it live in
+// between.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
@@ -74,10 +75,13 @@ async function refreshJobs() {
     const body = await getJSON("/zit/jobs");
     store.error = null;
     const seen = new Set();
+    let started = null; // a job that appeared since the last refresh and runs: the panel follows it
     for (const snap of body.jobs || []) {
+      if (store.loadedOnce && !store.jobs.has(snap.id) && !FINISHED.has(snap.status)) started = snap.id;
       upsertSnapshot(snap);
       seen.add(snap.id);
     }
+    if (started) store.selected = started;
     for (const id of [...store.jobs.keys()]) if (!seen.has(id)) store.jobs.delete(id);
     store.order = store.order.filter((id) => seen.has(id));
     if (!store.jobs.has(store.selected)) {
@@ -161,6 +165,13 @@ function onCheckpoint(data) {
   update();
 }
 
+function onCache(data) {
+  const job = store.jobs.get(data.job);
+  if (!job) return scheduleRefresh();
+  job.cache = data; // {stage: "latents" | "text", done, total}: encoding before the first step
+  update();
+}
+
 function onLog(data) {
   const job = store.jobs.get(data.job);
   if (!job) return;
@@ -214,7 +225,7 @@ function select(id) {
 // ------------------------------------------------------------------------------------------------------------
 
 /** TensorBoard's smoothing: an EMA debiased for its zero start, so the first points are not pulled to 0. */
-export function smoothSeries(points, weight) {
+function smoothSeries(points, weight) {
   let last = 0;
   let count = 0;
   return points.map(([step, value]) => {
@@ -498,6 +509,8 @@ function setBadge(node, status) {
 function progressLine(snap) {
   const p = snap.last?.progress || {};
   const parts = [p.steps ? `${p.step ?? 0}/${p.steps}` : snap.status === "running" ? "starting" : "–"];
+  const cache = store.jobs.get(snap.id)?.cache;
+  if (!p.steps && cache && snap.status === "running") parts[0] = `caching ${cache.stage} ${cache.done}/${cache.total}`;
   if (p.it_s) parts.push(`${formatNumber(p.it_s, 3)} it/s`);
   if (!FINISHED.has(snap.status) && Number.isFinite(Number(p.eta_s)) && p.eta_s !== null) {
     parts.push(`ETA ${formatDuration(p.eta_s)}`);
@@ -730,6 +743,7 @@ onServerEvent("zit.preview", onPreview);
 onServerEvent("zit.status", onStatus);
 onServerEvent("zit.checkpoint", onCheckpoint);
 onServerEvent("zit.log", onLog);
+onServerEvent("zit.cache", onCache);
 api.addEventListener("reconnected", () => refreshJobs()); // events sent while disconnected are lost
 
 app.registerExtension({

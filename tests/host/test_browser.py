@@ -97,6 +97,12 @@ def slider_box(page: Page, key: str) -> dict:
     }})()""")
 
 
+def press_enter(page: Page) -> None:
+    page.call("Input.dispatchKeyEvent", type="keyDown", key="Enter", code="Enter", windowsVirtualKeyCode=13,
+              text="\r")
+    page.call("Input.dispatchKeyEvent", type="keyUp", key="Enter", code="Enter", windowsVirtualKeyCode=13)
+
+
 def type_into_widget(page: Page, name: str, text: str) -> None:
     """Click a text widget on the canvas, type into litegraph's prompt, press Enter (as a user does)."""
     point = page.evaluate(f"""(() => {{
@@ -113,8 +119,7 @@ def type_into_widget(page: Page, name: str, text: str) -> None:
     page.wait_for(f"!!{field}", 10, "the text prompt")
     page.evaluate(f"{field}.select()")
     page.call("Input.insertText", text=text)
-    for kind in ("keyDown", "keyUp"):
-        page.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+    press_enter(page)
     page.wait_for("!document.querySelector('.graphdialog')", 10, "the prompt to close")
 
 
@@ -137,6 +142,16 @@ def test_block_editor_sliders_and_text_stay_in_sync(page: Page):
     assert vector[:at] + vector[at + 1:] == [1.0] * 34, widgets
     assert page.evaluate(SLIDERS)["b:L10"] == vector[at]
     assert resolve(widgets["blocks"], widgets["components"]).blocks == tuple(vector)
+
+    # a value outside the sliders' range, typed into the focused slider's number field
+    assert page.evaluate("document.querySelector('.zit-bw-focus-name').textContent") == "L10 ="
+    page.click_element(".zit-bw-number")
+    page.evaluate("document.querySelector('.zit-bw-number').select()")
+    page.call("Input.insertText", text="2.5")
+    press_enter(page)
+    page.wait_for(f"({WIDGETS}).blocks.split(',')[{at}] === '2.5'", 10, "L10 = 2.5 in the vector")
+    assert page.evaluate("document.querySelector('.zit-bw-slider[data-key=\"b:L10\"]')"
+                         ".classList.contains('zit-bw-outside')")
 
     # the bottom of the adaLN slider: 0, written as component text
     box = slider_box(page, "c:adaLN")
@@ -165,8 +180,13 @@ def test_block_editor_sliders_and_text_stay_in_sync(page: Page):
                   "the sliders of 'attention-only'")
     assert page.evaluate(WIDGETS)["blocks"] == "attention-only" and page.evaluate(WIDGETS)["components"] == ""
     assert not page.evaluate("document.querySelector('.zit-bw').classList.contains('zit-bw-invalid')")
-    # the editor is not a saved widget: the workflow keeps the node's four widget values only
+    # the editor is not a saved widget: the workflow keeps four widget values, the prompt four inputs
     assert page.evaluate("window.zitTestNode.serialize().widgets_values.length") == 4
+    inputs = page.evaluate("""(async () => {
+        const prompt = await window.comfyAPI.app.app.graphToPrompt();
+        return prompt.output[String(window.zitTestNode.id)].inputs;
+    })()""")
+    assert set(inputs) == {"lora_name", "strength", "blocks", "components"}, inputs
 
 
 # --------------------------------------------------------------------------------------------------
