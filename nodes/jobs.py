@@ -12,6 +12,7 @@ Imports trainer.job only (light); the checkpoint reader is imported when a route
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import re
@@ -24,6 +25,7 @@ from typing import Any
 from ..trainer.errors import ZitError
 from ..trainer.job import Job, JobContext, JobEvent, JobRunner
 
+log = logging.getLogger(__name__)
 ROUTE = "/zit/jobs"
 PREVIEW_RE = re.compile(r"^step(?P<step>\d{6,})\.png$")
 
@@ -73,7 +75,20 @@ def _record_series(event: JobEvent) -> None:
         record.lr.append([event.data["step"], event.data["lr"]])
 
 
+def _log_event(event: JobEvent) -> None:
+    """Status changes, log lines and saves in ComfyUI's console too."""
+    data = event.data
+    if event.kind == "status":
+        log.info("ZIT training job %s: %s%s", event.job_id, data["status"],
+                 f" ({data['error']})" if data.get("error") else "")
+    elif event.kind == "log":
+        log.info("ZIT training job %s: %s", event.job_id, data.get("message", ""))
+    elif event.kind == "checkpoint":
+        log.info("ZIT training job %s: saved step %s", event.job_id, data.get("step"))
+
+
 RUNNER.subscribe(_record_series)
+RUNNER.subscribe(_log_event)
 
 
 # ---- starting and finding jobs -------------------------------------------------------------------------
@@ -132,29 +147,32 @@ def checkpoints(run: Run) -> list[Any]:
     return [c for c in list_checkpoints(run.run_dir, run.name) if c.lora is not None]
 
 
-def _resumable_states(run: Run) -> list[Any]:
-    from ..trainer.checkpoint import list_checkpoints
+def _latest_state(run: Run) -> Any | None:
+    """The run's last save (the engine's `latest`) when it holds a training state before the last step."""
+    from ..trainer.checkpoint import find_latest_checkpoint
 
-    return [c for c in list_checkpoints(run.run_dir, run.name) if c.state is not None and c.step < run.steps]
+    latest = find_latest_checkpoint(run.run_dir, run.name)
+    return latest if latest is not None and latest.state is not None and latest.step < run.steps else None
 
 
 def resumable(job: Job, record: Record) -> bool:
-    """Whether `resume` can continue the job's run: it ended, and a saved state lies before the last step."""
-    return not job.running and bool(_resumable_states(record.run))
+    """Whether `resume` without a checkpoint can continue the job's run: it ended, and its last save holds a
+    training state before the last step."""
+    return not job.running and _latest_state(record.run) is not None
 
 
 def resume(job_id: str, checkpoint: str | None = None) -> Job:
-    """A new job continuing the run of `job_id` from the named step file's training state, or the latest."""
+    """A new job continuing the run of `job_id` from the named step file's training state, or from the run's
+    last save."""
     job, record = get(job_id)
     if job.running:
         raise JobError(409, f"training job {job_id} is still running; stop it before resuming")
     run = record.run
     if checkpoint is None:
-        states = _resumable_states(run)
-        if not states:
-            raise JobError(409, f"run {run.name!r} has no saved training state before its last step "
-                                f"({run.steps}) to resume from")
-        chosen = states[-1]
+        chosen = _latest_state(run)
+        if chosen is None:
+            raise JobError(409, f"run {run.name!r} has no training state to continue: its last save is its "
+                                f"last step ({run.steps}) or has no state; name an earlier checkpoint")
     else:
         found = {c.lora.name: c for c in checkpoints(run)}
         chosen = found.get(checkpoint)

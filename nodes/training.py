@@ -49,13 +49,14 @@ from typing import Any
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..trainer.config import FIELDS
 from . import jobs
 from .dataset import CATEGORY, WORK_FOLDER, ZitDataset, ZitDatasetType, work_root
 
 ZitJobType = io.Custom("ZIT_JOB")
 NONE = "none"
+# Kept in step with trainer.config's choices (a host test checks), so importing the pack stays light.
 TURBO = ("adapter", "adapter_dg", "sft")
+OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor")
 TURBO_TIP = (
     "How the LoRA keeps 8-step turbo sampling. adapter: train over the de-distilling training adapter "
     "(merged in the job), then load the LoRA without it and sample 8 steps at cfg 1. adapter_dg: the same "
@@ -402,7 +403,6 @@ class ZITTrain(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         adapters, adapter_default = adapter_choices()
-        optimizers = list(FIELDS["optim.optimizer"].choices)
         return io.Schema(
             node_id="ZITTrain",
             display_name="ZIT Train LoRA",
@@ -435,7 +435,7 @@ class ZITTrain(io.ComfyNode):
                                tooltip="Peak learning rate (prodigy: a multiplier of its estimate, use 1)."),
                 io.Int.Input("rank", default=32, min=1, max=4096, tooltip=(
                     "LoRA rank; alpha follows it (scale 1) unless lora.alpha is set in advanced.")),
-                io.Combo.Input("optimizer", options=optimizers, default="adamw", tooltip=(
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", tooltip=(
                     "Optimizer: adamw (default), adamw8bit (needs bitsandbytes), lion, prodigy (needs "
                     "prodigyopt; lr about 1.0), adafactor.")),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip=(
@@ -476,14 +476,12 @@ class ZITTrain(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name: str | None = None, advanced: str | None = None) -> bool | str:
-        from ..trainer.config import ConfigError, check_field
+    def validate_inputs(cls, advanced: str | None = None) -> bool | str:
+        """The advanced TOML is checked when the prompt is queued (the rest when the node runs)."""
+        from ..trainer.config import ConfigError
 
         try:
-            if name is not None:
-                check_field("save.name", name)
-            if advanced is not None:
-                parse_advanced(advanced)
+            parse_advanced(advanced or "")
         except ConfigError as exc:
             return str(exc)
         return True
@@ -557,10 +555,10 @@ class ZITStopTraining(io.ComfyNode):
                 "state, and ends as 'stopped' (resume it from the ZIT panel or POST /zit/jobs/{id}/resume). "
                 "Queue it on its own: linked to ZIT Train in the same prompt it would stop the job at once."),
             inputs=[
-                ZitJobType.Input("job", optional=True, tooltip="The job from ZIT Train (optional)."),
-                io.String.Input("job_id", default="", optional=True, tooltip=(
+                io.String.Input("job_id", default="", tooltip=(
                     "A job id from the ZIT panel or /zit/jobs (e.g. train-1); empty with no job input = "
                     "every running training job.")),
+                ZitJobType.Input("job", optional=True, tooltip="The job from ZIT Train (optional)."),
             ],
             outputs=[],
             is_output_node=True,
@@ -572,7 +570,7 @@ class ZITStopTraining(io.ComfyNode):
         return float("nan")  # never cached: every queued Stop acts
 
     @classmethod
-    def execute(cls, job: Any = None, job_id: str = "") -> io.NodeOutput:
+    def execute(cls, job_id: str = "", job: Any = None) -> io.NodeOutput:
         if job is not None:
             targets = [job]
         elif job_id.strip():

@@ -52,6 +52,7 @@ LORAS = {  # name -> (seed, dialect, with adaLN)
     "zimage_turbo_training_adapter_v2.safetensors": (4, "aitoolkit", True),
 }
 DIFFUSERS = "Z-Image-Turbo-tiny"
+DATASET = "zit_dataset"  # input/ folder of the training workflows and tests: 3 images (256 px) with captions
 NOT_ZIT = {  # a diffusion_models file that is not the Z-Image transformer -> what the refusal must say
     "flux_dev_not_zit.safetensors": "Flux",
     "a_lora_not_a_model.safetensors": "LoRA",
@@ -274,6 +275,9 @@ def base_dir(comfyui_root: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     (base / "custom_nodes" / "zit-trainer").symlink_to(REPO, target_is_directory=True)
     inproc._torchaudio_or_stand_in()  # transformers imports torchaudio, whose wheel may not load here
     write_tiny_models(comfyui_root, base)
+    from trainer.demo import make_dataset
+
+    make_dataset(base / "input" / DATASET, n=3, size=256)
     yield base
     shutil.rmtree(base / "models", ignore_errors=True)
 

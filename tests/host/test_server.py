@@ -2,7 +2,8 @@
 cheap, every workflow in workflows/ runs end to end through /prompt on tiny Z-Image files, and Load ZIT reads
 diffusers folders and refuses what is not Z-Image. Fixtures and the UI -> API converter are in conftest.py.
 
-CPU shrink of the workflows (the graphs are unchanged): KSampler 2 steps, latents 64 x 64 px.
+CPU shrink of the workflows (the graphs are unchanged): KSampler 2 steps, latents 64 x 64 px; training at
+64 px for 2 steps without previews.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ EXPECTED_NODES = {
     "ZITLoadModel",
     "ZITTrainingAdapterAttach", "ZITTrainingAdapterRemove", "ZITDistillPatchAttach", "ZITDistillPatchRemove",
     "ZITLoraLoaderBlockWeight", "ZITLoraMergeSave", "ZITLoraInspect", "ZITLoraConvert",
+    "ZITDataset", "ZITTrain", "ZITStopTraining",
 }
 EXPECTED_WORKFLOWS = {"zit_turbo_lora_distillpatch", "zit_deturbo_training_adapter",
-                      "zit_block_weight_exploration", "zit_lora_merge"}
+                      "zit_block_weight_exploration", "zit_lora_merge", "zit_train_adapter_turbo",
+                      "zit_train_sft_distillpatch"}
 IMPORT_BUDGET_S = 0.2
 CPU_STEPS = 2
 CPU_SIDE = 64
@@ -202,11 +205,15 @@ def test_import_time_added_to_startup(comfyui_root: Path, tmp_path: Path):
 
 
 def shrink_for_cpu(prompt: dict) -> dict:
-    """The same graph with KSampler steps and latent sizes cut to what a CPU test can afford."""
+    """The same graph with KSampler and training steps and image sizes cut to what a CPU test can afford."""
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "KSampler":
             inputs["steps"] = min(inputs["steps"], CPU_STEPS)
+        if node["class_type"] == "ZITDataset":
+            inputs["resolutions"] = str(CPU_SIDE)
+        if node["class_type"] == "ZITTrain":
+            inputs.update(steps=min(inputs["steps"], CPU_STEPS), preview_every=0)
         if node["class_type"] in ("EmptySD3LatentImage", "EmptyLatentImage"):
             inputs.update(width=CPU_SIDE, height=CPU_SIDE)
     return prompt
