@@ -15,6 +15,8 @@ const STEP = 0.05;
 const POLL_MS = 300; // the text widgets are also edited outside our callbacks (undo, paste, workflow load)
 const DEBOUNCE_MS = 150;
 const WIDTH = 600; // 35 + 8 sliders
+const OPEN = "zit_block_editor_open"; // node property: sliders shown (saved with the workflow)
+const HEIGHT = { open: 310, closed: 48 };
 
 let presetsRequest = null;
 
@@ -59,8 +61,8 @@ class BlockEditor {
     this.widget = node.addDOMWidget("block_editor", "zit_block_editor", this.element, {
       serialize: false,
       hideOnZoom: false,
-      getMinHeight: () => 300,
-      getMaxHeight: () => 320,
+      getMinHeight: () => (this.open ? HEIGHT.open : HEIGHT.closed),
+      getMaxHeight: () => (this.open ? HEIGHT.open + 20 : HEIGHT.closed),
       getValue: () => undefined,
       setValue: () => {},
     });
@@ -130,7 +132,7 @@ class BlockEditor {
     const context = blockCells.slice(33, 35);
     const componentCells = this.componentNames.map((name) => this.slider(`c:${name}`, name, `${name} multiplier`,
       (v) => this.setComponent(name, v)));
-    this.focusName = el("span.zit-bw-focus-name", {}, "point at a slider:");
+    this.focusName = el("span.zit-bw-focus-name", {}, "click a slider:");
     this.focusInput = el("input.zit-bw-number", {
       type: "number", step: String(STEP), title: "Type any value (also outside 0..2)", disabled: true,
     });
@@ -140,23 +142,56 @@ class BlockEditor {
       if (e.key === "Enter") this.typeValue();
     });
     this.status = el("div.zit-bw-status");
+    this.toggle = el("button.zit-bw-button.zit-bw-toggle", { onclick: () => this.setOpen(!this.open) });
     this.element.replaceChildren(
       el("div.zit-bw-row",
+        this.toggle,
         el("label.zit-bw-title", {}, "Preset ", this.presetSelect),
         el("button.zit-bw-button", { title: "Every block and component 1", onclick: () => this.choosePreset("all") },
           "Reset"),
         el("span.zit-bw-spacer"),
         el("span.zit-bw-focus", {}, this.focusName, this.focusInput)),
-      el("div.zit-bw-group-title", {}, "Blocks (0–2; double-click = 1)"),
-      el("div.zit-bw-blocks",
-        el("div.zit-bw-group", { title: "BASE: embedders and final layer (no block)" }, base),
-        el("div.zit-bw-group.zit-bw-main", { title: "Main layers L00..L29" }, main),
-        el("div.zit-bw-group", { title: "Noise refiners" }, noise),
-        el("div.zit-bw-group", { title: "Context refiners" }, context)),
-      el("div.zit-bw-group-title", {}, "Components"),
-      el("div.zit-bw-blocks", el("div.zit-bw-group.zit-bw-components", {}, componentCells)),
+      el("div.zit-bw-sliders",
+        el("div.zit-bw-group-title", {}, "Blocks (0–2; double-click = 1)"),
+        el("div.zit-bw-blocks",
+          el("div.zit-bw-group", { title: "BASE: embedders and final layer (no block)" }, base),
+          el("div.zit-bw-group.zit-bw-main", { title: "Main layers L00..L29" }, main),
+          el("div.zit-bw-group", { title: "Noise refiners" }, noise),
+          el("div.zit-bw-group", { title: "Context refiners" }, context)),
+        el("div.zit-bw-group-title", {}, "Components"),
+        el("div.zit-bw-blocks", el("div.zit-bw-group.zit-bw-components", {}, componentCells))),
       this.status);
+    this.showOpen();
     this.showWeights();
+  }
+
+  // -- open (sliders shown) or closed (preset menu and status only) ---------------------------------------------
+
+  get open() {
+    return this.node.properties?.[OPEN] !== false;
+  }
+
+  setOpen(open) {
+    this.node.properties[OPEN] = open;
+    this.showOpen();
+    this.fitNode();
+  }
+
+  showOpen() {
+    this.element.classList.toggle("zit-bw-closed", !this.open);
+    if (this.toggle) {
+      this.toggle.textContent = this.open ? "▾ sliders" : "▸ sliders";
+      this.toggle.title = this.open ? "Hide the sliders" : "Show the sliders";
+    }
+  }
+
+  /** Size the node to the editor: wide enough for the sliders when open, no taller than needed when closed. */
+  fitNode() {
+    const node = this.node;
+    const [, height] = node.computeSize();
+    const width = this.open ? Math.max(node.size[0], WIDTH) : node.size[0];
+    node.setSize([width, this.open ? Math.max(node.size[1], height) : height]);
+    node.setDirtyCanvas?.(true, true);
   }
 
   setFocus(key) {
@@ -336,6 +371,8 @@ const CSS = `
 .zit-bw-muted { opacity: 0.7; }
 .zit-bw-error { color: #ff6b6b; }
 .zit-bw-invalid .zit-bw-blocks { opacity: 0.45; }
+.zit-bw-closed .zit-bw-sliders, .zit-bw-closed .zit-bw-focus { display: none; }
+.zit-bw-toggle { white-space: nowrap; }
 `;
 
 app.registerExtension({
@@ -345,17 +382,23 @@ app.registerExtension({
   },
   nodeCreated(node) {
     if (node.comfyClass !== NODE) return;
+    node.properties ??= {};
+    node.properties[OPEN] ??= true; // a new node shows its sliders
     const editor = new BlockEditor(node);
     node.zitBlockEditor = editor;
+    const onConfigure = node.onConfigure;
+    node.onConfigure = function (info, ...args) {
+      // a workflow saved before the editor existed keeps its layout: the sliders start hidden there
+      if (!(OPEN in (info?.properties ?? {}))) this.properties[OPEN] = false;
+      const out = onConfigure?.call(this, info, ...args);
+      editor.showOpen();
+      return out;
+    };
     const onRemoved = node.onRemoved;
     node.onRemoved = function (...args) {
       editor.remove();
       return onRemoved?.apply(this, args);
     };
-    requestAnimationFrame(() => { // once the frontend has laid the widgets out; a saved size that is larger stays
-      const [, height] = node.computeSize();
-      node.setSize([Math.max(node.size[0], WIDTH), Math.max(node.size[1], height)]);
-      node.setDirtyCanvas(true, true);
-    });
+    requestAnimationFrame(() => editor.fitNode()); // once the frontend has laid the widgets out (and configured)
   },
 });

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from _cdp import Browser, BrowserError, Page, find_chromium
-from conftest import CLIP, UNET, VAE, ComfyClient
+from conftest import CLIP, UNET, VAE, WORKFLOWS, ComfyClient
 
 from trainer.demo import make_dataset
 from trainer.lora.blocks import resolve
@@ -189,6 +189,41 @@ def test_block_editor_sliders_and_text_stay_in_sync(page: Page):
     assert set(inputs) == {"lora_name", "strength", "blocks", "components"}, inputs
 
 
+def test_block_editor_on_a_saved_workflow(page: Page):
+    """A workflow from before the editor keeps its layout (sliders hidden) and shows each node's text."""
+    workflow = json.loads((WORKFLOWS / "zit_block_weight_exploration.json").read_text())
+    saved = {n["id"]: n for n in workflow["nodes"] if n["type"] == "ZITLoraLoaderBlockWeight"}
+    assert len(saved) >= 2
+    page.evaluate(f"window.comfyAPI.app.app.loadGraphData({json.dumps(workflow)})")
+    editors = f"""(() => {{
+        const app = window.comfyAPI.app.app;
+        return Object.fromEntries({json.dumps(list(saved))}.map(id => {{
+            const node = app.graph.getNodeById(id), editor = node?.zitBlockEditor;
+            return [id, editor && {{
+                status: editor.status?.textContent || '', preset: editor.presetSelect?.value,
+                closed: editor.element.classList.contains('zit-bw-closed'), size: [...node.size],
+                sliders: Object.fromEntries([...editor.element.querySelectorAll('.zit-bw-slider')]
+                    .map(s => [s.dataset.key, Number(s.value)]))}}];
+        }}));
+    }})()"""
+    page.wait_for(f"Object.values({editors}).every(e => e && / blocks changed/.test(e.status))", 30,
+                  "every editor resolved its node's text")
+    shown = page.evaluate(editors)
+    for node_id, node in saved.items():
+        editor, (_, _, blocks, components) = shown[str(node_id)], node["widgets_values"]
+        assert editor["closed"] and editor["size"][0] == node["size"][0], (node_id, editor)
+        expected = resolve(blocks, components)
+        assert [editor["sliders"][f"b:{b}"] for b in VECTOR_BLOCKS] == list(expected.blocks), node_id
+        assert editor["preset"] == ("all" if blocks == "all" else ""), (node_id, editor["preset"])
+    # opening one shows its sliders, and the node grows to hold them
+    node_id = next(i for i, n in saved.items() if n["widgets_values"][2] != "all")
+    page.evaluate(f"window.comfyAPI.app.app.graph.getNodeById({node_id}).zitBlockEditor.toggle.click()")
+    opened = page.evaluate(editors)[str(node_id)]
+    assert not opened["closed"] and opened["size"][0] >= 600, opened
+    assert page.evaluate(f"window.comfyAPI.app.app.graph.getNodeById({node_id}).properties"
+                         ".zit_block_editor_open") is True
+
+
 # --------------------------------------------------------------------------------------------------
 # The panel with a live training job
 # --------------------------------------------------------------------------------------------------
@@ -335,5 +370,8 @@ def test_panel_shows_a_live_training_job(comfy: ComfyClient, base_dir: Path, pag
             return r && r.dataset.status === 'running' && Number(r.dataset.step) > 0 && r.dataset.jobId;
         }})()""", 300, "the resumed job training")
         assert comfy.get(f"/zit/jobs/{resumed}")["job"]["last"]["progress"]["step"] > 0
+        ours = [line for line in page.console if "zit" in line.lower()
+                and line.startswith(("[error]", "[exception]", "[warning]"))]
+        assert not ours, "the pack's scripts complained:\n" + "\n".join(ours)
     finally:
         stop_all(comfy)
