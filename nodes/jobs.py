@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..trainer.errors import ZitError
-from ..trainer.job import Job, JobContext, JobEvent, JobRunner
+from ..trainer.job import FINISHED, Job, JobContext, JobEvent, JobRunner
 
 log = logging.getLogger(__name__)
 ROUTE = "/zit/jobs"
@@ -94,9 +94,14 @@ RUNNER.subscribe(_log_event)
 # ---- starting and finding jobs -------------------------------------------------------------------------
 
 
+def active(job: Job) -> bool:
+    """Whether a job is still training (its status; its thread may take a moment more to end)."""
+    return job.status not in FINISHED
+
+
 def running() -> list[Job]:
     """The training jobs still running (at most one: a second one is refused)."""
-    return [job for job in RUNNER.jobs() if job.running and job.id in _RECORDS]
+    return [job for job in RUNNER.jobs() if active(job) and job.id in _RECORDS]
 
 
 def start(run: Run, resume: bool | str = False) -> Job:
@@ -158,14 +163,14 @@ def _latest_state(run: Run) -> Any | None:
 def resumable(job: Job, record: Record) -> bool:
     """Whether `resume` without a checkpoint can continue the job's run: it ended, and its last save holds a
     training state before the last step."""
-    return not job.running and _latest_state(record.run) is not None
+    return not active(job) and _latest_state(record.run) is not None
 
 
 def resume(job_id: str, checkpoint: str | None = None) -> Job:
     """A new job continuing the run of `job_id` from the named step file's training state, or from the run's
     last save."""
     job, record = get(job_id)
-    if job.running:
+    if active(job):
         raise JobError(409, f"training job {job_id} is still running; stop it before resuming")
     run = record.run
     if checkpoint is None:

@@ -22,9 +22,9 @@ GPU memory while the user samples during training (ComfyUI's queue keeps running
   as in low-VRAM mode) or unloads other models: sampling runs, slower, and the job keeps its memory.
 - The job's per-step working memory (activations) is freed between steps and sits in PyTorch's cache,
   which ComfyUI counts as free. While the job runs on CUDA, the pack therefore adds the job's working
-  memory (the process's peak allocation minus what is allocated at a step boundary, a conservative
-  figure) to `comfy.model_management.EXTRA_RESERVED_VRAM` (ComfyUI's --reserve-vram), and takes it away
-  when the job ends.
+  memory (the process's peak allocation since the job started minus what is allocated at a step boundary,
+  a conservative figure) to `comfy.model_management.EXTRA_RESERVED_VRAM` (ComfyUI's --reserve-vram), and
+  takes it away when the job ends.
 - If the two still do not fit, whichever side allocates last gets a CUDA out-of-memory error, and neither
   process crashes: a sampling prompt fails with ComfyUI's OOM message (ComfyUI then unloads its models)
   and the queue goes on; the job ends as "failed" with "out of GPU memory ... the last checkpoint is
@@ -102,9 +102,9 @@ def lora_dir(name: str) -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0]) / WORK_FOLDER / name
 
 
-def lora_name(name: str) -> str:
-    """The loras-folder name of a run's final LoRA, as LoRA loaders list it."""
-    return f"{WORK_FOLDER}/{name}/{name}.safetensors"
+def lora_name(name: str, file: str | None = None) -> str:
+    """The loras-folder name of a run's final LoRA (or of its `file`), as ComfyUI's LoRA lists spell it."""
+    return os.path.join(WORK_FOLDER, name, file or f"{name}.safetensors")
 
 
 def _used(name: str) -> bool:
@@ -243,6 +243,13 @@ class VramReserve:
     def __init__(self) -> None:
         self.added = 0
 
+    def start(self) -> None:
+        """Measure peaks from the job's start (ComfyUI never reads the peak statistics)."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
     def update(self) -> None:
         import torch
 
@@ -280,7 +287,7 @@ class _NodeContext:
             try:
                 publish(self.run_dir, lora_dir(self.name), self.name)
                 step_file = Path(data["path"]).name
-                data.update(lora_name=f"{WORK_FOLDER}/{self.name}/{step_file}", final=lora_name(self.name))
+                data.update(lora_name=lora_name(self.name, step_file), final=lora_name(self.name))
             except OSError as exc:
                 self.ctx.emit("log", message=f"could not put the LoRA into the loras folder: {exc}")
         elif kind == "progress":
@@ -326,6 +333,7 @@ class Work:
         if isinstance(resume, str):
             _wait_for_unload(ctx)
         reserve = VramReserve()
+        reserve.start()
         models = functools.partial(cache_only_models, vae_id=self.data.vae_id, te_id=self.data.te_id,
                                    vae=self.data.vae_file, hint=HINT)
         try:

@@ -375,6 +375,7 @@ def _refusal(comfy: ComfyClient, prompt: dict) -> str:
         "model": ["u", 0], "lora_name": ADAPTER, "strength": 1.0}})
      or p["t"]["inputs"].update(model=["a", 0]), "carries LoRA patches"),
     (lambda p: p["d"]["inputs"].update(folder="no_such_dataset"), "does not exist"),
+    (lambda p: p["t"]["inputs"].update(resume=True), "has no saved training state"),
 ])
 def test_train_node_refuses_bad_settings_before_a_job_starts(comfy: ComfyClient, change, words):
     before = len(get(comfy, "/zit/jobs")["jobs"])
@@ -489,3 +490,31 @@ def test_the_public_view_has_no_paths_and_valid_json(pack_nodes: Any):
     data = jobs.public_data("train-9", "status", {"status": "failed", "error": f"{out}/cache: bad"})
     assert data["error"] == "<output>/cache: bad"
     assert jobs.public_data("train-9", "progress", {"eta_s": float("inf")}) == {"eta_s": None}
+
+
+def test_vram_reserve_tracks_the_jobs_working_memory_and_gives_it_back(pack_nodes: Any, monkeypatch):
+    """The GPU-memory policy's bookkeeping, with CUDA's counters stubbed (no GPU here)."""
+    import comfy.model_management as mm
+    import torch
+
+    counters = {"peak": 10 << 30, "now": 4 << 30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: counters.update(peak=counters["now"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: counters["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: counters["now"])
+    base = mm.EXTRA_RESERVED_VRAM
+    reserve = pack_nodes.training.VramReserve()
+    reserve.start()
+    reserve.update()
+    assert mm.EXTRA_RESERVED_VRAM == base  # no step yet: peak == allocated
+    counters["peak"] = 10 << 30  # a step's activations came and went
+    reserve.update()
+    assert mm.EXTRA_RESERVED_VRAM == base + (6 << 30)
+    counters["peak"] = 9 << 30  # never shrinks while the job runs
+    reserve.update()
+    assert mm.EXTRA_RESERVED_VRAM == base + (6 << 30)
+    counters["peak"] = 12 << 30
+    reserve.update()
+    assert mm.EXTRA_RESERVED_VRAM == base + (8 << 30)
+    reserve.release()
+    assert mm.EXTRA_RESERVED_VRAM == base
