@@ -282,7 +282,11 @@ def test_stop_and_resume_from_a_checkpoint(comfy: ComfyClient, base_dir: Path, e
                     comfy=comfy)
     assert details["loss"][0][0] == 3, "the resumed job did not continue from step 2"
     assert any("resumed from state-step000002" in m.get("message", "") for m in events.of("log", resumed))
+    # The 'ZIT Stop Training' node, queued on its own (never cached: a second one reports the job ended).
+    stop_node = {"s": {"class_type": "ZITStopTraining", "inputs": {"job_id": resumed}}}
+    assert comfy.run(stop_node)["s"]["text"] == [f"stop requested: {resumed} (bg)"]
     saved = step_of(stop_and_wait(comfy, resumed))  # a stop saves at the step reached
+    assert comfy.run(stop_node)["s"]["text"] == [f"{resumed} had already ended (stopped)"]
 
     # No checkpoint named: the latest saved state.
     status, body, _ = call(comfy, "POST", f"/zit/jobs/{resumed}/resume")
