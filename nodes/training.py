@@ -377,6 +377,7 @@ def wait_with_progress(job: Any, steps: int) -> None:
         job.stop()
         job.wait()
         raise
+    bar.update_absolute(job.snapshot()["last"].get("progress", {}).get("step", 0), steps)
 
 
 # ---- the nodes -------------------------------------------------------------------------------------------
