@@ -459,8 +459,9 @@ class ZITTrain(io.ComfyNode):
                     "every preview_every steps; empty = no previews.")),
                 io.Int.Input("preview_every", default=250, min=0, max=1000000, tooltip=(
                     "Sample the preview prompts every N steps (0 = never).")),
-                io.Int.Input("seed", default=42, min=0, max=2**63 - 1, tooltip=(
-                    "Seed of the run (LoRA init, noise, timesteps, data order).")),
+                io.Int.Input("seed", default=42, min=0, max=2**63 - 1, control_after_generate=True, tooltip=(
+                    "Seed of the run (LoRA init, noise, timesteps, data order). The frontend gives every "
+                    "seed a control-after-generate widget: declared here so saved workflows line up.")),
                 io.Boolean.Input("wait", default=False, tooltip=(
                     "Block this prompt until training ends (progress on the node, Cancel stops the job). "
                     "Off: return at once and let the queue run other prompts while it trains.")),
