@@ -362,24 +362,38 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> dict:
                        f"{log.read_text(errors='replace')[-8000:]}")
 
 
-@pytest.fixture(scope="session")
-def comfy(comfyui_root: Path, base_dir: Path) -> Iterator[ComfyClient]:
-    """A ComfyUI server (--cpu) on base_dir with the pack loaded; killed after the session."""
+def start_server(comfyui: Path, base: Path) -> tuple[subprocess.Popen, ComfyClient]:
+    """ComfyUI (--cpu) on the base directory with the pack loaded: the process and its client."""
     port = _free_port()
-    log = base_dir / "comfyui.log"
-    cmd = [sys.executable, "-c", LAUNCH.format(host=str(HOST_DIR)), "--cpu", "--base-directory",
-           str(base_dir), "--port", str(port), "--listen", "127.0.0.1", "--database-url", "sqlite:///:memory:"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = base / "comfyui.log"
+    cmd = [sys.executable, "-c", LAUNCH.format(host=str(HOST_DIR)), "--cpu", "--base-directory", str(base),
+           "--port", str(port), "--listen", "127.0.0.1", "--database-url", "sqlite:///:memory:"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=comfyui_root, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=comfyui, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        info = _wait_ready(url, proc, log)
-        yield ComfyClient(url, log, info)
+        return proc, ComfyClient(url, log, _wait_ready(url, proc, log))
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Terminate a server, killing it if it does not end within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def comfy(comfyui_root: Path, base_dir: Path) -> Iterator[ComfyClient]:
+    """A ComfyUI server (--cpu) on base_dir with the pack loaded; stopped after the session."""
+    proc, client = start_server(comfyui_root, base_dir)
+    try:
+        yield client
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,15 +32,7 @@ for entry in (str(REPO), str(HOST_DIR)):
 
 import _comfy_inproc as inproc  # noqa: E402
 from _cdp import Browser, BrowserError, Page, find_chromium  # noqa: E402
-from conftest import (  # noqa: E402
-    DATASET,
-    LAUNCH,
-    WORKFLOWS,
-    ComfyClient,
-    _free_port,
-    _wait_ready,
-    write_tiny_models,
-)
+from conftest import DATASET, WORKFLOWS, start_server, stop_server, write_tiny_models  # noqa: E402
 from test_browser import SETTINGS, open_app, post_json  # noqa: E402
 
 OUT = REPO / "docs" / "workflows"
@@ -103,33 +93,6 @@ CLOSE_DIALOGS = """(() => {
   buttons.forEach(b => b.click());
   return buttons.length;
 })()"""
-
-
-def start_server(comfyui: Path, base: Path) -> tuple[subprocess.Popen, ComfyClient]:
-    """ComfyUI --cpu on base (as conftest's `comfy` fixture starts it); the process and its client."""
-    port = _free_port()
-    log = base / "comfyui.log"
-    cmd = [sys.executable, "-c", LAUNCH.format(host=str(HOST_DIR)), "--cpu", "--base-directory", str(base),
-           "--port", str(port), "--listen", "127.0.0.1", "--database-url", "sqlite:///:memory:"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=comfyui, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        return proc, ComfyClient(url, log, _wait_ready(url, proc, log))
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def small_png(png: bytes) -> bytes:
@@ -244,7 +207,7 @@ def main(stems: list[str]) -> int:
             finally:
                 browser.close()
         finally:
-            stop(proc)
+            stop_server(proc)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0
