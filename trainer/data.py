@@ -588,26 +588,9 @@ class CachedDataset:
         """The bucket of each entry, in entry order."""
         return [entry.sample.bucket for entry in self.entries]
 
-    def sampler(
-        self,
-        batch_size: int = 1,
-        *,
-        seed: int = 0,
-        repeats: int = 1,
-        drop_last: bool = False,
-        caption_dropout: float = 0.0,
-        shuffle: bool = True,
-    ) -> BucketBatchSampler:
-        """A resumable batch sampler over this dataset's buckets (see ``BucketBatchSampler``)."""
-        return BucketBatchSampler(
-            self.buckets,
-            batch_size,
-            seed=seed,
-            repeats=repeats,
-            drop_last=drop_last,
-            caption_dropout=caption_dropout,
-            shuffle=shuffle,
-        )
+    def sampler(self, batch_size: int = 1, **options: Any) -> BucketBatchSampler:
+        """A resumable batch sampler over this dataset's buckets; options as ``BucketBatchSampler``'s."""
+        return BucketBatchSampler(self.buckets, batch_size, **options)
 
     def load_batch(self, plan: BatchPlan) -> Batch:
         """Read a planned batch; captions the plan drops get the empty-caption embedding and caption ""."""
