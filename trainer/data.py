@@ -327,31 +327,16 @@ def load_dataset(
     folder: str | os.PathLike[str],
     resolutions: Sequence[int] = (1024,),
     *,
-    recursive: bool = False,
-    caption: str | None = None,
-    trigger: str | None = None,
-    missing_caption: str = "error",
-    bad_image: str = "skip",
-    min_side: int = 256,
-    caption_ext: str = ".txt",
     bucket_step: int = 64,
     max_aspect: float = 3.0,
     allow_upscale: bool = False,
+    **scan_options: Any,
 ) -> Dataset:
-    """Scan a folder (see ``scan_images``) and bucket every image at each target resolution."""
+    """Scan a folder (``scan_options`` as ``scan_images``'s) and bucket every image at each resolution."""
     if not resolutions:
         raise ValueError("resolutions must name at least one target resolution")
     tables = {r: make_buckets(r, bucket_step, max_aspect) for r in sorted(set(resolutions))}
-    images, issues = scan_images(
-        folder,
-        recursive=recursive,
-        caption=caption,
-        trigger=trigger,
-        missing_caption=missing_caption,
-        bad_image=bad_image,
-        min_side=min_side,
-        caption_ext=caption_ext,
-    )
+    images, issues = scan_images(folder, **scan_options)
     samples = [sample for image in images for sample in samples_for(image, tables, allow_upscale)]
     return Dataset(Path(folder), images, samples, issues)
 
