@@ -12,11 +12,14 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import Qwen3Config, Qwen3Model
 
 from trainer import model as M
 from trainer.lora.canonical import LoraError
 from trainer.lora.spec import ATTENTION, BASE, COMPONENTS, FFN, ZIT, ZitSpec, diffusers_name
 from trainer.lora.synth import random_lora
+from trainer.model.adapters import _lora_layers as lora_layers
+from trainer.model.keys import _convert_tensor as convert_tensor
 from trainer.tiny import (
     TINY_SPEC,
     save_tiny_checkpoints,
@@ -147,7 +150,7 @@ def test_per_tensor_conversion_matches_diffusers_converter(source):
     comfy = M.to_comfy_state_dict(source.state_dict(), "model.diffusion_model.")
     comfy["norm_final.weight"] = torch.ones(3)
     reference = convert_z_image_transformer_checkpoint_to_diffusers(dict(comfy))
-    ours = dict(pair for k, v in comfy.items() for pair in M._convert_tensor(k, v))
+    ours = dict(pair for k, v in comfy.items() for pair in convert_tensor(k, v))
     assert ours.keys() == reference.keys() == source.state_dict().keys()
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
 
@@ -296,7 +299,7 @@ def test_text_encoder_loads_from_folder_and_single_file(ckpt):
 
 def test_full_size_text_encoder_and_vae_configs_from_shapes():
     with torch.device("meta"):
-        qwen = M.Qwen3Model(M.Qwen3Config(**M.QWEN3_4B))
+        qwen = Qwen3Model(Qwen3Config(**M.QWEN3_4B))
         flux_vae = AutoencoderKL.from_config(M.FLUX_VAE)
     config = M.qwen3_config_from_shapes({k: tuple(v.shape) for k, v in qwen.state_dict().items()})
     assert all(getattr(config, k) == v for k, v in M.QWEN3_4B.items() if k != "rope_theta")
@@ -425,7 +428,7 @@ def test_custom_regex_is_a_full_name_match_never_a_suffix(source):
 def randomize_lora(model: nn.Module, adapter: str, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in M._lora_layers(model):
+        for _, layer in lora_layers(model):
             if adapter in layer.lora_B:
                 for w in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight):
                     w.copy_(torch.randn(w.shape, generator=gen) * 0.05)
