@@ -58,6 +58,9 @@ def _opt(default: Any, doc: str, **rules: Any) -> Any:
     return field(default=default, metadata={"doc": doc, **rules})
 
 
+MEMORY_PLANS = ("auto", "bf16", "fp8", "bf16_swap", "fp8_swap", "nf4", "int8")
+"""model.memory choices: auto, or a storage of the frozen base (with _swap: block swap on)."""
+
 _NAME_RE = r'^[^\\/:*?"<>|.\s][^\\/:*?"<>|]*$'
 
 
@@ -74,6 +77,31 @@ class ModelConfig:
         choices=("bf16", "fp16", "fp32"),
     )
     gradient_checkpointing: bool = _opt(True, "recompute activations in backward to save memory")
+    memory: str = _opt(
+        "auto",
+        "how the frozen base is held on the GPU: auto = the planner picks the first plan that fits; "
+        "bf16 = block weights in model.dtype; fp8 = block weights in float8; *_swap = only "
+        "model.swap_blocks main blocks on the GPU, the rest streamed from CPU; nf4/int8 = bitsandbytes",
+        choices=MEMORY_PLANS,
+    )
+    memory_preference: str = _opt(
+        "quality",
+        "order auto tries plans in: quality (bf16, bf16_swap, fp8_swap) or speed (bf16, fp8, fp8_swap)",
+        choices=("quality", "speed"),
+    )
+    vram: str = _opt(
+        "",
+        "GPU memory budget for the planner, e.g. \"12GB\" or \"11.5GiB\"; '' = the device's free memory",
+        pattern=r"^$|^\s*\d+(\.\d+)?\s*([KMGT]i?B?)?\s*$",
+        pattern_msg='must be a size such as "12GB", "11.5GiB" or "12000MB"',
+    )
+    swap_blocks: int = _opt(
+        0, "main blocks kept on the GPU in the *_swap plans (0 = the planner picks)", ge=0, le=29
+    )
+    swap_prefetch: int = _opt(1, "blocks copied to the GPU ahead of use in the *_swap plans", ge=1, le=4)
+    lower_resolution: bool = _opt(
+        False, "auto may train at a lower resolution than data.resolutions when nothing else fits"
+    )
 
 
 @dataclass(frozen=True)
@@ -455,11 +483,17 @@ def _rule_required(cfg: TrainConfig) -> list[str | None]:
 
 def _rule_modal(cfg: TrainConfig) -> list[str | None]:
     adapter_mode = cfg.turbo.mode in _ADAPTER_MODES
+    auto = cfg.model.memory == "auto"
+    swap = auto or cfg.model.memory.endswith("_swap")
     return [
         _modal(cfg, "turbo.adapter", adapter_mode, 'turbo.mode is "adapter" or "adapter_dg"'),
         _modal(cfg, "turbo.adapter_strength", adapter_mode, 'turbo.mode is "adapter" or "adapter_dg"'),
         _modal(cfg, "turbo.guidance_scale", cfg.turbo.mode == "adapter_dg", 'turbo.mode = "adapter_dg"'),
         _modal(cfg, "lora.target_regex", cfg.lora.targets == "custom", 'lora.targets = "custom"'),
+        _modal(cfg, "model.swap_blocks", swap, 'model.memory is "auto", "bf16_swap" or "fp8_swap"'),
+        _modal(cfg, "model.swap_prefetch", swap, 'model.memory is "auto", "bf16_swap" or "fp8_swap"'),
+        _modal(cfg, "model.memory_preference", auto, 'model.memory = "auto"'),
+        _modal(cfg, "model.lower_resolution", auto, 'model.memory = "auto"'),
     ]
 
 
@@ -499,6 +533,11 @@ def _rule_misc(cfg: TrainConfig) -> list[str | None]:
     errors: list[str | None] = []
     if cfg.turbo.mode == "adapter_dg" and cfg.turbo.guidance_scale == 0:
         errors.append('turbo.guidance_scale = 0.0: no guidance; use turbo.mode = "adapter"')
+    if cfg.model.memory.endswith("_swap") and not cfg.model.gradient_checkpointing:
+        errors.append(
+            f"model.memory = {_show(cfg.model.memory)}: block swap recomputes blocks in backward; "
+            "set model.gradient_checkpointing = true"
+        )
     if cfg.preview.every and not cfg.preview.prompts:
         errors.append(
             f"preview.prompts is empty but preview.every = {cfg.preview.every}: "
