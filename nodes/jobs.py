@@ -76,7 +76,7 @@ def _record_series(event: JobEvent) -> None:
 
 
 def _log_event(event: JobEvent) -> None:
-    """Status changes, log lines and saves in ComfyUI's console too."""
+    """Status changes, log lines, the memory plan and saves in ComfyUI's console too."""
     data = event.data
     if event.kind == "status":
         log.info("ZIT training job %s: %s%s", event.job_id, data["status"],
@@ -85,6 +85,10 @@ def _log_event(event: JobEvent) -> None:
         log.info("ZIT training job %s: %s", event.job_id, data.get("message", ""))
     elif event.kind == "checkpoint":
         log.info("ZIT training job %s: saved step %s", event.job_id, data.get("step"))
+    elif event.kind == "plan":
+        log.info("ZIT training job %s: memory plan %s, predicted peak %.1f GiB%s", event.job_id,
+                 data.get("plan"), data.get("predicted_gb", 0.0),
+                 f" of {data['budget_gb']:.1f} GiB" if data.get("budget_gb") else "")
 
 
 RUNNER.subscribe(_record_series)

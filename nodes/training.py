@@ -22,9 +22,10 @@ GPU memory while the user samples during training (ComfyUI's queue keeps running
   as in low-VRAM mode) or unloads other models: sampling runs, slower, and the job keeps its memory.
 - The job's per-step working memory (activations) is freed between steps and sits in PyTorch's cache,
   which ComfyUI counts as free. While the job runs on CUDA, the pack therefore adds the job's working
-  memory (the process's peak allocation since the job started minus what is allocated at a step boundary,
-  a conservative figure) to `comfy.model_management.EXTRA_RESERVED_VRAM` (ComfyUI's --reserve-vram), and
-  takes it away when the job ends.
+  memory (first the memory planner's predicted activations and workspace, as soon as the plan is chosen;
+  then the process's peak allocation since the job started minus what is allocated at a step boundary,
+  when that conservative figure is larger) to `comfy.model_management.EXTRA_RESERVED_VRAM` (ComfyUI's
+  --reserve-vram), and takes it away when the job ends.
 - If the two still do not fit, whichever side allocates last gets a CUDA out-of-memory error, and neither
   process crashes: a sampling prompt fails with ComfyUI's OOM message (ComfyUI then unloads its models)
   and the queue goes on; the job ends as "failed" with "out of GPU memory ... the last checkpoint is
@@ -57,6 +58,14 @@ NONE = "none"
 # Kept in step with trainer.config's choices (a host test checks), so importing the pack stays light.
 TURBO = ("adapter", "adapter_dg", "sft")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor")
+MEMORY = ("auto", "bf16", "fp8", "bf16_swap", "fp8_swap", "nf4", "int8")
+MEMORY_TIP = (
+    "How the frozen base sits on the GPU. auto: the planner picks the first plan that fits the free VRAM "
+    "(bf16, then bf16 with block swap, then fp8 with block swap; set [model] memory_preference = \"speed\" "
+    "in advanced to try fp8 before swapping). bf16: the whole model in bf16 (about 18 GB at 1024 px). fp8: "
+    "block weights in float8 (about 11 GB). *_swap: only some main blocks stay on the GPU, the rest stream "
+    "from CPU memory each step (slower; [model] swap_blocks sets how many). nf4/int8: bitsandbytes QLoRA "
+    "(pip install bitsandbytes). The chosen plan and its predicted peak appear in the log and the ZIT panel.")
 TURBO_TIP = (
     "How the LoRA keeps 8-step turbo sampling. adapter: train over the de-distilling training adapter "
     "(merged in the job), then load the LoRA without it and sample 8 steps at cfg 1. adapter_dg: the same "
@@ -71,6 +80,7 @@ OWNED = {  # config keys the node sets from its inputs; advanced may not set the
     "model.text_encoder": "the dataset's text encoder",
     "model.vae": "the dataset's VAE",
     "model.gradient_checkpointing": "the gradient_checkpointing input",
+    "model.memory": "the memory input",
     **{f"data.{key}": SET_BY_DATASET for key in ("dataset", "caption", "trigger", "caption_ext",
                                                  "missing_caption", "bad_image", "min_side", "resolutions",
                                                  "recursive", "cache_dir")},
@@ -170,6 +180,7 @@ class Settings:
     optimizer: str
     batch_size: int
     gradient_checkpointing: bool
+    memory: str
     save_every: int
     preview_prompts: tuple[str, ...]
     preview_every: int
@@ -185,7 +196,7 @@ def build_config(s: Settings, transformer: str, data: ZitDataset) -> Any:
     base: dict[str, dict[str, Any]] = {
         "model": {"transformer": transformer, "text_encoder": data.te_file or f"<ComfyUI CLIP {data.te_id}>",
                   "vae": data.vae_file or f"<ComfyUI VAE {data.vae_id}>",
-                  "gradient_checkpointing": s.gradient_checkpointing},
+                  "gradient_checkpointing": s.gradient_checkpointing, "memory": s.memory},
         "data": {**data.data, "batch_size": s.batch_size},
         "lora": {"rank": s.rank, "alpha": float(s.rank)},
         "turbo": {"mode": s.turbo, **({"adapter": s.adapter or ""} if s.turbo != "sft" else {})},
@@ -238,7 +249,11 @@ def publish(run_dir: Path, target: Path, name: str) -> None:
 
 
 class VramReserve:
-    """The job's per-step working memory, kept in ComfyUI's EXTRA_RESERVED_VRAM while it trains on CUDA."""
+    """The job's per-step working memory, kept in ComfyUI's EXTRA_RESERVED_VRAM while it trains on CUDA.
+
+    From the planner's prediction as soon as the plan is known (before the first step allocates anything),
+    then from the measured working memory when that is larger.
+    """
 
     def __init__(self) -> None:
         self.added = 0
@@ -250,15 +265,23 @@ class VramReserve:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
+    def expect(self, working: int) -> None:
+        """Reserve at least `working` bytes (the planner's activations + workspace) from now on."""
+        import torch
+
+        if torch.cuda.is_available():
+            self._raise_to(working)
+
     def update(self) -> None:
         import torch
 
-        if not torch.cuda.is_available():
-            return
-        import comfy.model_management as mm
+        if torch.cuda.is_available():
+            self._raise_to(max(0, torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()))
 
-        working = max(0, torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated())
+    def _raise_to(self, working: int) -> None:
         if working > self.added:
+            import comfy.model_management as mm
+
             mm.EXTRA_RESERVED_VRAM += working - self.added
             self.added = working
 
@@ -272,7 +295,8 @@ class VramReserve:
 
 class _NodeContext:
     """The engine's JobContext as the node's job sees it: checkpoints are published to the loras folder
-    before their event goes out (with their loras names), and progress keeps the VRAM reserve current."""
+    before their event goes out (with their loras names); the plan and progress keep the VRAM reserve
+    current."""
 
     def __init__(self, ctx: Any, cfg: Any, reserve: VramReserve) -> None:
         self.ctx, self.reserve = ctx, reserve
@@ -292,6 +316,8 @@ class _NodeContext:
                 self.ctx.emit("log", message=f"could not put the LoRA into the loras folder: {exc}")
         elif kind == "progress":
             self.reserve.update()
+        elif kind == "plan":
+            self.reserve.expect(int(data.get("working_bytes", 0)))
         self.ctx.emit(kind, **data)
 
 
@@ -473,6 +499,8 @@ class ZITTrain(io.ComfyNode):
                     "More settings as TOML tables, checked when queued, e.g. [optim] scheduler = \"cosine\", "
                     "[lora] targets = \"attention\", [objective] timesteps = \"turbo\", [model] dtype = "
                     "\"fp16\", [preview] width = 768. Keys set by the inputs above are refused.")),
+                io.Combo.Input("memory", options=list(MEMORY), default="auto", optional=True,
+                               tooltip=MEMORY_TIP),
             ],
             outputs=[
                 io.Combo.Output(display_name="lora_name", tooltip=(
@@ -500,7 +528,7 @@ class ZITTrain(io.ComfyNode):
     def execute(cls, model: Any, dataset: ZitDataset, name: str, turbo: str, adapter: str, steps: int,
                 learning_rate: float, rank: int, optimizer: str, batch_size: int,
                 gradient_checkpointing: bool, save_every: int, preview_prompts: str, preview_every: int,
-                seed: int, wait: bool, resume: bool, advanced: str) -> io.NodeOutput:
+                seed: int, wait: bool, resume: bool, advanced: str, memory: str = "auto") -> io.NodeOutput:
         import comfy.model_management
 
         from ..trainer.config import check_field
@@ -524,8 +552,8 @@ class ZITTrain(io.ComfyNode):
         else:
             name = fresh_name(name)
         settings = Settings(name, turbo, adapter_file, steps, learning_rate, rank, optimizer, batch_size,
-                            gradient_checkpointing, save_every, _prompts(preview_prompts), preview_every,
-                            seed, advanced)
+                            gradient_checkpointing, memory, save_every, _prompts(preview_prompts),
+                            preview_every, seed, advanced)
         cfg = build_config(settings, transformer, dataset)
         if cfg.preview.every and dataset.vae_file is None:
             raise ZitError("previews need the VAE loaded from a file (Load VAE, or Load ZIT with a vae file) "

@@ -2,8 +2,8 @@
 // EMA-smoothed, with the learning rate), preview images as they arrive, and stop / resume.
 //
 // State comes from the routes (GET /zit/jobs, GET /zit/jobs/<id>), so the panel survives a page reload; the
-// server's events (zit.progress, zit.preview, zit.status, zit.log, zit.checkpoint, zit.cache) keep it live in
-// between.
+// server's events (zit.progress, zit.preview, zit.status, zit.log, zit.plan, zit.checkpoint, zit.cache) keep
+// it live in between.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
@@ -169,6 +169,13 @@ function onCache(data) {
   const job = store.jobs.get(data.job);
   if (!job) return scheduleRefresh();
   job.cache = data; // {stage: "latents" | "text", done, total}: encoding before the first step
+  update();
+}
+
+function onPlan(data) {
+  const job = store.jobs.get(data.job);
+  if (!job) return scheduleRefresh();
+  job.snap.last = { ...(job.snap.last || {}), plan: data };
   update();
 }
 
@@ -531,7 +538,14 @@ function jobStats(snap) {
       ? formatDuration(snap.finished - (snap.started ?? snap.finished))
       : formatDuration(p.eta_s)],
     ["mem", p.mem_gb ? `${formatNumber(p.mem_gb, 3)} GB` : "–"], // 0 on the CPU: nothing measured
+    ["plan", planText(snap.last?.plan)],
   ];
+}
+
+function planText(plan) {
+  if (!plan?.plan) return "–";
+  const budget = plan.budget_gb ? ` of ${formatNumber(plan.budget_gb, 3)}` : "";
+  return `${plan.plan} · ${formatNumber(plan.predicted_gb, 3)}${budget} GiB predicted`;
 }
 
 function buildRow(id) {
@@ -743,6 +757,7 @@ onServerEvent("zit.preview", onPreview);
 onServerEvent("zit.status", onStatus);
 onServerEvent("zit.checkpoint", onCheckpoint);
 onServerEvent("zit.log", onLog);
+onServerEvent("zit.plan", onPlan);
 onServerEvent("zit.cache", onCache);
 api.addEventListener("reconnected", () => refreshJobs()); // events sent while disconnected are lost
 
