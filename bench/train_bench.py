@@ -42,8 +42,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from PIL import Image  # noqa: E402
+from trainer.memory import MemoryPlan  # noqa: E402
 
-from trainer import loop  # noqa: E402
+from trainer import loop, run_models  # noqa: E402
 from trainer.config import config_from_dict  # noqa: E402
 from trainer.data import LazyEncoder  # noqa: E402
 from trainer.lora.spec import ZIT, ZitSpec  # noqa: E402
@@ -92,13 +93,15 @@ def sample_tensors(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return latent, torch.randn(case.text_tokens, case.spec.cap_feat_dim, generator=gen)
 
 
-def engine_trainer(case: Case, model: torch.nn.Module, work: Path) -> loop.Trainer:
-    """A real Trainer over `model`; its one-image dataset is cached from stand-in encoders (random data)."""
+def engine_trainer(case: Case, model: torch.nn.Module, work: Path,
+                   plan: MemoryPlan | None = None) -> loop.Trainer:
+    """A real Trainer over `model` (already in the plan's storage) in `plan` (default: bf16, no swap); its
+    one-image dataset is cached from stand-in encoders (random data)."""
     folder = work / "images"
     folder.mkdir(parents=True)
     Image.new("RGB", (case.size, case.size), (200, 60, 40)).save(folder / "sample.png")
     latent, text = sample_tensors(case)
-    models = loop.Models(model, LazyEncoder(lambda: lambda pixels: latent),
+    models = run_models.Models(model, LazyEncoder(lambda: lambda pixels: latent),
                          LazyEncoder(lambda: lambda captions: [text for _ in captions]),
                          "random", "bench-latent", "bench-text", vae_factory=None)
     cfg = config_from_dict({
@@ -111,9 +114,9 @@ def engine_trainer(case: Case, model: torch.nn.Module, work: Path) -> loop.Train
         "save": {"output_dir": str(work), "every": 0},
         "preview": {"every": 0},
     }, source="bench")
-    with (mock.patch.object(loop, "open_models", lambda cfg, device: models),
-          mock.patch.object(loop, "pick_device", lambda: case.device)):
-        return loop.Trainer(cfg)
+    plan = plan or MemoryPlan("bf16", 0, 1, case.size)
+    with mock.patch.object(loop, "pick_device", lambda: case.device):
+        return loop.Trainer(cfg, models=lambda cfg, device, plan: models, plan=plan)
 
 
 class BareLoop:

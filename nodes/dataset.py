@@ -101,7 +101,7 @@ def _weights_identity(module: Any) -> str:
 
 
 def _identity(kind: str, patcher: Any, module: Any, extra: str = "") -> str:
-    from ..trainer.loop import file_identity
+    from ..trainer.run_models import file_identity
 
     recipe = recipe_files(patcher)
     if recipe is not None:

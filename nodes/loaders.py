@@ -6,8 +6,8 @@ reload recipe). A diffusers folder's transformer shards are merged, converted to
 MODEL then records `(load_diffusers_transformer, (folder, model_options))` the same way. A trainer gets a
 fresh copy from either through `model_source(model)` (path + dtype) or by calling the recipe. What is not
 a Z-Image transformer (a LoRA, Flux, SDXL, Wan, Lumina 2, GGUF, Nunchaku) is refused before loading by
-`trainer.model.transformer_checkpoint`, with its message; fp8-scaled files load for sampling (the
-training node refuses them).
+`trainer.model.transformer_checkpoint`, with its message; ComfyUI's fp8 and int8 files load for sampling,
+and ZIT Train trains on them too (formats the engine cannot decode, such as nvfp4, are refused there).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def load_zit_model(path: Path, model_options: dict) -> Any:
 
     if path.is_dir():
         return load_diffusers_transformer(str(path), model_options)
-    transformer_checkpoint(path, trainable=False)  # fp8 files sample fine in ComfyUI; training refuses them
+    transformer_checkpoint(path, trainable=False)  # any quantized file ComfyUI samples; training is stricter
     return comfy.sd.load_diffusion_model(str(path), model_options=model_options)
 
 
@@ -243,9 +243,9 @@ class ZITLoadModel(io.ComfyNode):
                 "(z_image_turbo_bf16.safetensors) or a diffusers folder (names ending in '/'; its "
                 "transformer shards are merged on load), and optionally the Qwen3-4B text encoder and the "
                 "Flux VAE from their folders or the same diffusers folder. Refuses what is not the Z-Image "
-                "transformer (a LoRA, Flux, a VAE...) and fp8/GGUF/Nunchaku files (the trainer cannot use "
-                "them; load those with 'Load Diffusion Model'). The MODEL remembers its source, so the ZIT "
-                "trainer can reload a fresh copy."),
+                "transformer (a LoRA, Flux, a VAE...) and GGUF/Nunchaku files (the trainer cannot use "
+                "them; load those with 'Load Diffusion Model'); ComfyUI's fp8/int8 files load. The MODEL "
+                "remembers its source, so the ZIT trainer can reload a fresh copy."),
             inputs=[
                 io.Combo.Input("model_name", options=model_choices(), tooltip=(
                     "A Z-Image-Turbo diffusion model: a file in models/diffusion_models, or a diffusers "

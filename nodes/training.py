@@ -12,9 +12,10 @@ transformer without LoRA patches, the settings and the advanced TOML validate, t
 encoded into the cache with the dataset's text encoder), asks ComfyUI to unload its models and empty its
 cache, then starts the job and returns (or, with `wait`, blocks with progress on the node; Cancel stops the
 job, which saves a checkpoint first). The job thread loads its own copy of the transformer from the MODEL's
-file with the engine (never ComfyUI's module, never an inference-mode tensor), trains from the cache only
-(`trainer.loop.cache_only_models`: a cache miss is an error, no text encoder or VAE is loaded), and decodes
-previews with the VAE file the dataset's VAE was loaded from. One training job runs at a time.
+file with the engine (never ComfyUI's module, never an inference-mode tensor) in the memory plan the
+engine's planner chose, trains from the cache only (`trainer.run_models.cache_only_models`: a cache miss is
+an error, no text encoder or VAE is loaded), and decodes previews with the VAE file the dataset's VAE was
+loaded from. One training job runs at a time.
 
 GPU memory while the user samples during training (ComfyUI's queue keeps running):
 - ComfyUI and the job share one process and one CUDA caching allocator. ComfyUI's memory manager counts
@@ -354,7 +355,8 @@ class Work:
     def run(self, ctx: Any, resume: bool | str) -> Any:
         import torch
 
-        from ..trainer.loop import cache_only_models, train
+        from ..trainer.loop import train
+        from ..trainer.run_models import cache_only_models
 
         if isinstance(resume, str):
             _wait_for_unload(ctx)

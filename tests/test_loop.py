@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer import loop, tiny
+from trainer import loop, run_models, tiny
 from trainer.checkpoint import find_latest_checkpoint
 from trainer.cli import main as cli_main
 from trainer.config import ConfigError, TrainConfig, config_from_dict, config_to_toml
@@ -442,7 +442,7 @@ def test_a_front_end_cache_trains_the_same_lora_and_a_miss_is_named(tmp_path, im
     vae, te = tiny.tiny_vae(0), tiny.tiny_text_encoder(0)
     build_cache(dataset, cfg.cache_path, vae.encode, te.encode, "front-vae", "front-te")
     cached_text_embeddings(prompts, cfg.cache_path, te.encode, "front-te")
-    models = functools.partial(loop.cache_only_models, vae_id="front-vae", te_id="front-te", vae="tiny",
+    models = functools.partial(run_models.cache_only_models, vae_id="front-vae", te_id="front-te", vae="tiny",
                                hint="encode the dataset again")
     front = train(cfg, models=models, dataset=dataset)
     assert front.step == 2 and [p.name for p in front.previews] == ["step000000.png", "step000002.png"]

@@ -176,9 +176,9 @@ def _tiny_header(tmp_path, source, **changes) -> Path:
 
 
 REFUSALS = {
-    "fp8 dtype": ({"dtype": "F8_E4M3"}, "fp8"),
-    "fp8 scale_weight": ({"add": {"layers.0.attention.qkv.scale_weight": (1,)}}, "use the bf16 file"),
-    "fp8 weight_scale": ({"add": {"layers.0.feed_forward.w1.weight_scale": (1,)}}, "not supported"),
+    "nvfp4": ({"add": {"layers.0.feed_forward.w1.weight_scale_2": ()}},
+              r"model.safetensors: nvfp4 quantization \(first at layers.0.feed_forward.w1\) .* use the bf16"),
+    "fp8 header, no data": ({"dtype": "F8_E4M3"}, "model.safetensors: cannot read its tensors, truncated"),
     "nunchaku": ({"add": {"layers.0.attention.qkv.qweight": (192, 8)}}, "Nunchaku"),
     "gguf extension": ({"name": "zit-Q8_0.gguf"}, "GGUF"),
     "lumina 2": ({"add": {"x_embedder.weight": (2304, 64)}}, "Lumina 2, not Z-Image"),
@@ -195,12 +195,18 @@ def test_load_transformer_refuses(tmp_path, source, case):
         M.load_transformer(_tiny_header(tmp_path, source, **changes))
 
 
-def test_fp8_files_pass_the_sampling_check_but_not_training(tmp_path, source):
-    path = _tiny_header(tmp_path, source, add={"layers.0.attention.qkv.scale_weight": (1,)})
-    files, _, _ = M.transformer_checkpoint(path, trainable=False)  # ComfyUI samples fp8 files
-    assert files == [path]
-    with pytest.raises(M.ModelLoadError, match="fp8"):
-        M.transformer_checkpoint(path)
+def test_fp8_files_pass_both_checks_block_formats_only_the_sampling_one(tmp_path, source):
+    scaled = _tiny_header(tmp_path, source, name="s.safetensors", add={
+        "scaled_fp8": (0,), "layers.0.attention.qkv.scale_weight": (1,),
+        "layers.0.feed_forward.w1.weight_scale": ()})
+    for trainable in (False, True):  # ComfyUI samples fp8 files; we train on them
+        files, _, shapes = M.transformer_checkpoint(scaled, trainable=trainable)
+        assert files == [scaled] and shapes == M.transformer_checkpoint(_tiny_header(tmp_path, source))[2]
+    nvfp4 = _tiny_header(tmp_path, source, name="f4.safetensors",
+                         add={"layers.1.attention.qkv.weight_scale_2": ()})
+    assert M.transformer_checkpoint(nvfp4, trainable=False)[0] == [nvfp4]  # ComfyUI samples nvfp4
+    with pytest.raises(M.ModelLoadError, match="f4.safetensors: nvfp4 quantization"):
+        M.transformer_checkpoint(nvfp4)
     nunchaku = _tiny_header(tmp_path, source, name="n.safetensors",
                             add={"layers.0.attention.qkv.qweight": (192, 8)})
     with pytest.raises(M.ModelLoadError, match="Nunchaku"):

@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .lora import commands as lora_commands
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Z-Image-Turbo LoRA engine.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,config,lora}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,config,plan,lora}")
     demo = sub.add_parser("demo", help="train the tiny built-in model on a generated dataset (CPU, ~1 min)")
     demo.add_argument("--out", default="demo_output", help="output folder (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=120, help="training steps (default: %(default)s)")
@@ -24,6 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_run_train)
     config = sub.add_parser("config", help="print a commented TOML config with every default")
     config.set_defaults(func=_print_config)
+    plan = sub.add_parser("plan", help="predict a config's peak GPU memory per memory plan and pick the one "
+                                       "that fits (nothing loads)")
+    plan.add_argument("--config", required=True, help="the run's TOML file")
+    plan.add_argument("--vram", help="memory budget, e.g. 12GB (default: model.vram, else the free memory "
+                                     "of the GPU)")
+    plan.add_argument("--card", help="comma-separated card sizes, e.g. 8GB,12GB,16GB,24GB: each one's plan")
+    plan.add_argument("--text-tokens", type=int, default=512,
+                      help="caption tokens to plan for (default: %(default)s, the text encoder's maximum)")
+    plan.set_defaults(func=_run_plan)
     lora_commands.add_parser(sub)
     return parser
 
@@ -64,6 +73,36 @@ def _print_config(args: argparse.Namespace) -> int:
     from .config import TrainConfig, config_to_toml
 
     print(config_to_toml(TrainConfig()))
+    return 0
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    if args.text_tokens < 1:
+        raise ZitError(f"--text-tokens {args.text_tokens}: must be >= 1")
+    from . import memory
+
+    # bad sizes are refused before the transformer's headers are read
+    cards = [(c.strip(), memory.parse_vram(c.strip(), "--card")) for c in (args.card or "").split(",") if c]
+    if args.vram:
+        budget, source = memory.parse_vram(args.vram), f"--vram {args.vram}"
+    elif cfg.model.vram:
+        budget, source = memory.parse_vram(cfg.model.vram, "model.vram ="), f"model.vram = {cfg.model.vram!r}"
+    else:
+        budget, source = None, "free on the GPU"
+    spec = memory.transformer_spec(cfg)
+    if cards:
+        print(memory.card_report(cfg, spec, cards, text_tokens=args.text_tokens))
+        return 0
+    if budget is None:
+        budget = memory.free_vram("cuda")
+    try:
+        print(memory.plan_report(cfg, spec, budget, source, text_tokens=args.text_tokens))
+    except memory.MemoryPlanError as exc:
+        print(exc.report)  # the table of what was tried; main prints the one-line error
+        raise
     return 0
 
 

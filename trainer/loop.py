@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,22 +18,20 @@ import torch
 from . import __version__
 from .checkpoint import TrainingObjects, find_latest_checkpoint, load_training_state, save_checkpoint
 from .config import TrainConfig, config_diff, config_from_dict, config_to_dict
-from .data import Dataset, LazyEncoder, build_cache, cached_text_embeddings, load_dataset
-from .errors import ZitError
+from .data import Dataset, build_cache, cached_text_embeddings, load_dataset
 from .files import atomic_write
 from .job import JobContext
 from .lora.formats import read_lora, write_lora
+from .memory import MemoryPlan
 from .model import (
     adapter_disabled,
     adapters_disabled,
     attach_frozen_adapter,
     inject_lora,
-    load_text_encoder,
-    load_transformer,
-    load_vae,
     lora_from_peft,
     predict_velocity,
 )
+from .model.swap import BlockSwap
 from .objective import (
     add_noise,
     differential_guidance_target,
@@ -45,17 +41,21 @@ from .objective import (
     velocity_target,
 )
 from .optim import Ema, build_optimizer, build_scheduler
+from .run_models import (
+    DTYPES,
+    OpenModels,
+    TrainingError,
+    config_for_plan,
+    open_models,
+    pick_device,
+    plan_memory,
+)
 from .sampling import SamplerSettings, grid, sample_latents, to_pil
 
 log = logging.getLogger(__name__)
 
 TRAINED = "zit"  # peft adapter name of the LoRA being trained
 ADAPTER = "adapter"  # peft adapter name of the frozen training adapter
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class TrainingError(ZitError):
-    """Training cannot go on (NaN loss, a missing model part); the last checkpoint stays usable."""
 
 
 @dataclass
@@ -69,131 +69,19 @@ class TrainResult:
     previews: list[Path] = field(default_factory=list)
 
 
-def file_identity(path: str | Path) -> str:
-    """A cheap content identity of a weights file or folder: header, size and a 1 MiB sample per file."""
-    path = Path(path)
-    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(size // 2)
-            h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
-
-
-def pick_device() -> torch.device:
-    """CUDA when there is one, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@dataclass
-class Models:
-    """The transformer the job owns, lazy encoders for the cache, and their identities."""
-
-    transformer: torch.nn.Module
-    encode_image: LazyEncoder
-    encode_text: LazyEncoder
-    base_id: str
-    vae_id: str
-    te_id: str
-    vae_factory: Any
-
-
-def _text_encoder_source(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    path = Path(cfg.model.text_encoder or cfg.model.transformer)
-    if path.is_file():
-        tokenizer = path.parent / "tokenizer"
-        return path, tokenizer if tokenizer.is_dir() else None
-    return path, None
-
-
-OpenModels = Callable[[TrainConfig, torch.device], Models]
-"""Builds a run's Models from its config on a device: `open_models`, or a front end's `cache_only_models`."""
-
-
-def _open_transformer(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """The job's private transformer and its identity ('tiny' = the seeded tiny model, float32 then cast)."""
-    dtype = DTYPES[cfg.model.dtype]
-    if cfg.model.transformer == "tiny":
-        from .tiny import tiny_transformer
-
-        model = tiny_transformer(0).to(device)
-        return (model.to(dtype) if dtype != torch.float32 else model), "tiny-0"
-    return load_transformer(cfg.model.transformer, dtype, device), file_identity(cfg.model.transformer)
-
-
-def open_models(cfg: TrainConfig, device: torch.device) -> Models:
-    """Load the job's private transformer now; the text encoder and VAE only when the cache needs them."""
-    dtype = DTYPES[cfg.model.dtype]
-    model, base_id = _open_transformer(cfg, device)
-    if cfg.model.transformer == "tiny":
-        from .tiny import tiny_text_encoder, tiny_vae
-
-        te_factory = lambda: _to(tiny_text_encoder(0), device)  # noqa: E731
-        vae_factory = lambda: _to(tiny_vae(0), device)  # noqa: E731
-        ids = ("tiny-vae-0", "tiny-te-0")
-    else:
-        te_path, tokenizer = _text_encoder_source(cfg)
-        vae_path = Path(cfg.model.vae or cfg.model.transformer)
-        te_factory = lambda: load_text_encoder(te_path, dtype, device, tokenizer=tokenizer)  # noqa: E731
-        vae_factory = lambda: load_vae(vae_path, dtype, device)  # noqa: E731
-        ids = (file_identity(vae_path), file_identity(te_path))
-    return Models(model, LazyEncoder(lambda: _vae_encoder(vae_factory())),
-                  LazyEncoder(lambda: te_factory().encode), base_id, *ids, vae_factory)
-
-
-def cache_only_models(cfg: TrainConfig, device: torch.device, *, vae_id: str, te_id: str, vae: str | None,
-                      hint: str) -> Models:
-    """The job's transformer with encoders that refuse to run, for a front end that wrote every latent and
-    text embedding (captions, the empty caption, preview prompts) to the cache itself under `vae_id` and
-    `te_id` (the ComfyUI node, with the graph's own VAE and text encoder).
-
-    A cache miss is a TrainingError ending in `hint`. Previews decode with the VAE file `vae` ('tiny' = the
-    tiny VAE), loaded by the job itself; None refuses previews.
-    """
-    dtype = DTYPES[cfg.model.dtype]
-    model, base_id = _open_transformer(cfg, device)
-
-    def refuse(what: str) -> Callable[[], Any]:
-        def build() -> Any:
-            raise TrainingError(f"the cache {cfg.cache_path} has no {what} for these encoders; {hint}")
-        return build
-
-    def vae_factory() -> Any:
-        if vae is None:
-            raise TrainingError(f"previews need the VAE as a file the job can load; {hint}")
-        if vae == "tiny":
-            from .tiny import tiny_vae
-
-            return _to(tiny_vae(0), device)
-        return load_vae(vae, dtype, device)
-
-    return Models(model, LazyEncoder(refuse("image latent")), LazyEncoder(refuse("text embedding")), base_id,
-                  vae_id, te_id, vae_factory)
-
-
-def _to(wrapper, device: torch.device):
-    """Move a TextEncoder / Vae wrapper's model to the device."""
-    wrapper.model.to(device)
-    return wrapper
-
-
-def _vae_encoder(vae):
-    return lambda pixels: vae.encode(pixels.to(next(vae.model.parameters()).device, vae.model.dtype))
-
-
 class Trainer:
     """One training run: build everything from the config, then `run()` the step loop."""
 
     def __init__(self, cfg: TrainConfig, ctx: JobContext | None = None, resume: bool | str = False, *,
-                 models: OpenModels | None = None, dataset: Dataset | None = None):
+                 models: OpenModels | None = None, dataset: Dataset | None = None,
+                 plan: MemoryPlan | None = None):
         """`models` builds the run's Models (default `open_models`); `dataset` is the folder as a front end
-        already scanned it with cfg.data's settings (default: scan it here)."""
-        self.cfg, self.ctx = cfg, ctx
+        already scanned it with cfg.data's settings (default: scan it here); `plan` overrides the memory
+        planner (benchmarks)."""
+        self.ctx = ctx
         self.device = pick_device()
+        self.plan = plan or self._plan_memory(cfg, dataset)  # refused here, before any folder or weight
+        self.cfg = cfg = config_for_plan(cfg, self.plan)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.losses: list[float] = []
@@ -203,7 +91,7 @@ class Trainer:
         self.dataset = dataset if dataset is not None else self._scan_dataset()
         self.adapter = read_lora(cfg.turbo.adapter) if cfg.turbo.mode != "sft" else None
         self._emit("log", message=f"loading the model on {self.device}")
-        self.models = (models or open_models)(cfg, self.device)
+        self.models = (models or open_models)(cfg, self.device, self.plan)
         self.model = self.models.transformer
         self._prepare_data()
         self._prepare_lora()
@@ -218,6 +106,21 @@ class Trainer:
             self.ctx.emit(kind, **data)
         elif kind == "log":
             log.info(data.get("message", ""))
+
+    def _plan_memory(self, cfg: TrainConfig, dataset: Dataset | None) -> MemoryPlan:
+        planned = plan_memory(cfg, self.device)
+        plan = planned.plan
+        if dataset is not None and plan.resolution < max(cfg.data.resolutions):
+            raise TrainingError(f"the memory plan {plan.name} trains at {plan.resolution} px, but the "
+                                f"dataset was encoded at {max(cfg.data.resolutions)} px: encode it at "
+                                f"{plan.resolution} or choose model.memory")
+        self._emit("plan", **planned.event())
+        self._emit("log", message=f"memory plan: {plan.name}, predicted peak "
+                   f"{planned.chosen.total / 2**30:.1f} GiB" + (f" of {planned.budget / 2**30:.1f} GiB"
+                                                                if planned.budget else ""))
+        if self.ctx is None:
+            log.info("%s", planned.table())
+        return plan
 
     def _progress(self, stage: str, done: int, total: int) -> None:
         self._emit("cache", stage=stage, done=done, total=total)
@@ -257,7 +160,12 @@ class Trainer:
             attach_frozen_adapter(self.model, self.adapter, cfg.turbo.adapter_strength, name=ADAPTER)
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         for p in self.params.values():
-            p.data = p.data.float()
+            p.data = p.data.to(self.device, torch.float32)
+        for name, p in self.model.named_parameters():  # frozen adapters in swapped blocks were built on CPU
+            if "lora_" in name and p.device != self.device:
+                p.data = p.data.to(self.device)
+        self.swap = (BlockSwap(self.model, self.device, self.plan.swap_blocks, self.plan.prefetch)
+                     if self.plan.swap_blocks else None)
         if cfg.model.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.model.train()

@@ -15,8 +15,11 @@ from .adapters import (
     resolve_targets,
     set_adapter_enabled,
 )
-from .headers import ModelLoadError, TensorInfo, read_header, weight_files
+from .checkpoint_quant import QuantLayout, quant_layout
+from .headers import ModelLoadError, TensorInfo, read_header, read_header_and_metadata, weight_files
 from .keys import diffusers_keys, to_comfy_state_dict
+from .quantize import QUANTIZED_MODULES, STORAGES, Fp8Linear, quantize_transformer
+from .swap import BlockSwap, BlockSwapError
 from .text_encoder import QWEN3_4B, TextEncoder, load_text_encoder, qwen3_config_from_shapes
 from .transformer import (
     ZIT_AXES_LENS,
@@ -32,11 +35,12 @@ from .transformer import (
 from .vae import FLUX_VAE, Vae, load_vae, vae_config_from_bfl
 
 __all__ = [
-    "FLUX_VAE", "QWEN3_4B", "TARGET_PRESETS", "ZIT_AXES_LENS", "ModelLoadError", "TensorInfo", "TextEncoder",
-    "Vae", "adapter_disabled", "adapters_disabled", "attach_frozen_adapter", "build_transformer",
+    "BlockSwap", "BlockSwapError", "FLUX_VAE", "Fp8Linear", "ModelLoadError", "QUANTIZED_MODULES",
+    "QWEN3_4B", "QuantLayout", "STORAGES", "TARGET_PRESETS", "TensorInfo", "TextEncoder", "Vae",
+    "ZIT_AXES_LENS", "adapter_disabled", "adapters_disabled", "attach_frozen_adapter", "build_transformer",
     "checkpoint_spec", "diffusers_keys", "inject_lora", "load_lora_into_peft", "load_text_encoder",
-    "load_transformer", "load_vae", "lora_from_peft", "model_spec", "predict_velocity",
-    "qwen3_config_from_shapes", "read_header", "resolve_targets", "set_adapter_enabled", "spec_from_shapes",
-    "to_comfy_state_dict", "transformer_checkpoint", "transformer_config", "vae_config_from_bfl",
-    "weight_files",
+    "load_transformer", "load_vae", "lora_from_peft", "model_spec", "predict_velocity", "quant_layout",
+    "quantize_transformer", "qwen3_config_from_shapes", "read_header", "read_header_and_metadata",
+    "resolve_targets", "set_adapter_enabled", "spec_from_shapes", "to_comfy_state_dict",
+    "transformer_checkpoint", "transformer_config", "vae_config_from_bfl", "weight_files",
 ]

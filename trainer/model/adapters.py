@@ -156,8 +156,8 @@ def _check_fits(model: nn.Module, lora: Lora) -> dict[str, LoraModule]:
             linear = _base_linear(model.get_submodule(name))
         except AttributeError:
             raise LoraError(f"LoRA module {name} does not exist in this transformer") from None
-        if tuple(linear.weight.shape) != (module.b.shape[0], module.a.shape[1]):
-            out_f, in_f = linear.weight.shape
+        out_f, in_f = linear.out_features, linear.in_features  # not weight.shape: packed for nf4/int8
+        if (out_f, in_f) != (module.b.shape[0], module.a.shape[1]):
             raise LoraError(f"LoRA module {name}: dW is {module.b.shape[0]}x{module.a.shape[1]} but the "
                             f"weight is {out_f}x{in_f}")
         by_name[name] = module

@@ -41,6 +41,11 @@ class TensorInfo:
 
 def read_header(path: PathLike) -> dict[str, TensorInfo]:
     """Names, dtypes and shapes of the tensors in a safetensors file, read from the header alone."""
+    return read_header_and_metadata(path)[0]
+
+
+def read_header_and_metadata(path: PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors of a safetensors header (as read_header) and its `__metadata__` strings."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: file not found")
@@ -55,8 +60,12 @@ def read_header(path: PathLike) -> dict[str, TensorInfo]:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelLoadError(f"{path.name}: not a safetensors file ({e})") from e
-    header.pop("__metadata__", None)
-    return {k: TensorInfo(v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+    metadata = header.pop("__metadata__", None) or {}
+    try:
+        infos = {k: TensorInfo(v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+    except (TypeError, KeyError) as e:
+        raise ModelLoadError(f"{path.name}: not a safetensors file (bad header entry: {e})") from e
+    return infos, {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
 _COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -99,11 +108,8 @@ def _looks_like(keys: set[str]) -> str:
     return f"no Z-Image transformer weights (layers.N.attention.qkv or to_q) found; first keys: {sample}"
 
 
-def _refuse_non_zit(name: str, infos: dict[str, TensorInfo], trainable: bool = True) -> None:
-    """Raise ModelLoadError unless the header is a Z-Image transformer (unquantized, when `trainable`)."""
-    reason = _quantization(infos)
-    if reason and (trainable or "Nunchaku" in reason):  # ComfyUI samples fp8 files; nobody reads Nunchaku
-        raise ModelLoadError(f"{name}: {reason}")
+def _refuse_non_zit(name: str, infos: dict[str, TensorInfo]) -> None:
+    """Raise ModelLoadError unless the header is a Z-Image transformer (its quantization is checked apart)."""
     keys = {_strip_prefix(k) for k in infos}
     if not any(re.fullmatch(r"layers\.\d+\.attention\.(qkv|to_q)\.weight", k) for k in keys):
         raise ModelLoadError(f"{name}: {_looks_like(keys)}")

@@ -10,15 +10,22 @@ Scale: one float32 scale per output channel (row), `scale = amax(|row|) / 448`. 
 by the single largest weight of a 3840x10240 matrix; per row, each output feature uses the full fp8 range
 (what ai-toolkit's qfloat8 and torchao's per-row float8 do). The scales cost 4 bytes per output feature
 (0.1% of the fp8 bytes). Pre-quantized files with a per-tensor scale keep it (a (1, 1) scale).
+
+nf4 / int8 storage swaps the same Linears for bitsandbytes' Linear4bit / Linear8bitLt (an optional extra:
+`pip install bitsandbytes`) and flags the model `is_loaded_in_4bit` / `is_loaded_in_8bit`, so peft wraps
+them with its QLoRA layers.
 """
 
 from __future__ import annotations
 
 import re
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .headers import ModelLoadError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -86,4 +93,82 @@ def quantize_transformer_fp8(model: nn.Module, compute_dtype: torch.dtype) -> li
         parent, _, child = name.rpartition(".")
         holder = model.get_submodule(parent)
         setattr(holder, child, Fp8Linear.from_linear(getattr(holder, child), compute_dtype))
+    return names
+
+
+STORAGES = ("bf16", "fp8", "nf4", "int8")
+"""How the frozen base's QUANTIZED_MODULES weights are held; "bf16" = in the compute dtype, like the rest."""
+
+
+def check_storage(storage: str) -> None:
+    """Raise ModelLoadError for an unknown storage name."""
+    if storage not in STORAGES:
+        raise ModelLoadError(f"storage {storage!r}: expected one of {', '.join(STORAGES)}")
+
+
+def bitsandbytes(storage: str) -> ModuleType:
+    """The bitsandbytes module for nf4 / int8 storage, or a ModelLoadError saying how to install it."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # ImportError, or a broken install raising at import
+        why = (str(e).splitlines() or [""])[0]
+        raise ModelLoadError(f'model.memory = "{storage}" needs bitsandbytes: pip install bitsandbytes '
+                             f"({type(e).__name__}: {why})") from e
+    return bnb
+
+
+def bnb_linear(weight: torch.Tensor, bias: torch.Tensor | None, storage: str, compute_dtype: torch.dtype,
+               device: torch.device | str) -> nn.Linear:
+    """A frozen bitsandbytes Linear4bit (nf4) or Linear8bitLt (int8) holding `weight`, quantized on `device`.
+
+    bitsandbytes quantizes when the weight moves from CPU to the device, so the weight goes through the CPU.
+    """
+    bnb = bitsandbytes(storage)
+    out_features, in_features = weight.shape
+    cpu_weight = weight.detach().to("cpu", compute_dtype)
+    with torch.device("meta"):
+        if storage == "nf4":
+            module = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None,
+                                       compute_dtype=compute_dtype, quant_type="nf4")
+        else:
+            module = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None,
+                                         has_fp16_weights=False, threshold=0.0)
+    if storage == "nf4":
+        module.weight = bnb.nn.Params4bit(cpu_weight, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=False, module=module)
+    else:
+        module.weight = bnb.nn.Int8Params(cpu_weight, requires_grad=False, has_fp16_weights=False)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.detach().to("cpu", compute_dtype), requires_grad=False)
+    return module.to(device)
+
+
+def mark_storage(model: nn.Module, storage: str) -> None:
+    """Flag a model with bitsandbytes layers (`is_loaded_in_4bit` / `_8bit`) so peft uses its QLoRA layers."""
+    if storage == "nf4":
+        model.is_loaded_in_4bit = True
+    elif storage == "int8":
+        model.is_loaded_in_8bit = True
+
+
+def quantize_transformer(model: nn.Module, storage: str, compute_dtype: torch.dtype) -> list[str]:
+    """Hold the QUANTIZED_MODULES Linears of a built model in `storage` (in place); returns their names.
+
+    "bf16" changes nothing; "fp8" = Fp8Linear (per-row scales); "nf4" / "int8" = bitsandbytes layers on the
+    device the weight is on. Call before any LoRA is injected.
+    """
+    check_storage(storage)
+    if storage == "bf16":
+        return []
+    if storage == "fp8":
+        return quantize_transformer_fp8(model, compute_dtype)
+    bitsandbytes(storage)
+    names = [n for n, m in model.named_modules() if QUANTIZED_MODULES.fullmatch(n) and type(m) is nn.Linear]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        linear = getattr(holder, child)
+        setattr(holder, child, bnb_linear(linear.weight, linear.bias, storage, compute_dtype,
+                                          linear.weight.device))
+    mark_storage(model, storage)
     return names

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from diffusers import ZImageTransformer2DModel
-from safetensors import safe_open
 from torch import nn
 
 from ..lora.spec import ZIT, ZitSpec
+from .checkpoint_quant import (
+    QuantLayout,
+    StoredWeight,
+    aux_keys,
+    checkpoint_layout,
+    read_weights,
+    refuse_foreign_quantization,
+)
 from .headers import (
     _GGUF,
     ModelLoadError,
@@ -22,7 +29,16 @@ from .headers import (
     read_header,
     weight_files,
 )
-from .keys import _convert_tensor, _converted_shapes
+from .keys import _converted_shapes, diffusers_keys
+from .quantize import (
+    QUANTIZED_MODULES,
+    Fp8Linear,
+    bitsandbytes,
+    bnb_linear,
+    check_storage,
+    mark_storage,
+    quantize_fp8,
+)
 
 ZIT_AXES_LENS = [1536, 512, 512]
 
@@ -111,13 +127,20 @@ def _transformer_source(path: Path) -> tuple[list[Path], dict | None]:
 
 
 
-def _load_file_into(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Load one safetensors file into a (meta) model tensor by tensor, converting names, dtype and device."""
-    tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            tensors.update(_convert_tensor(key, f.get_tensor(key).to(device=device, dtype=dtype)))
-    model.load_state_dict(tensors, strict=False, assign=True)
+def _inspect(path: Path, trainable: bool) -> tuple[list[Path], dict | None, dict[str, tuple[int, ...]],
+                                                  QuantLayout | None]:
+    """transformer_checkpoint's answer and, when `trainable`, the checkpoint's QuantLayout."""
+    files, config = _transformer_source(path)
+    if trainable:
+        infos, layout = checkpoint_layout(files, path.name)
+        weights = layout.model_infos(infos)
+    else:  # ComfyUI samples every format it knows: only what nobody reads is refused
+        infos, layout = {k: v for f in files for k, v in read_header(f).items()}, None
+        refuse_foreign_quantization(path.name, infos)
+        aux = aux_keys(infos)
+        weights = {k: v for k, v in infos.items() if k not in aux}
+    _refuse_non_zit(path.name, weights)
+    return files, config, _converted_shapes(weights), layout
 
 
 def transformer_checkpoint(
@@ -125,12 +148,60 @@ def transformer_checkpoint(
 ) -> tuple[list[Path], dict | None, dict[str, tuple[int, ...]]]:
     """Weight files, diffusers config (None for a single file) and diffusers-named shapes of a checkpoint.
 
-    Refuses what is not a Z-Image transformer; with `trainable`, also fp8-scaled checkpoints.
+    Refuses what is not a Z-Image transformer and Nunchaku/bitsandbytes files; with `trainable`, also
+    quantized formats we cannot decode (nvfp4, mxfp8, convrot, unknown ones). fp8 and int8_tensorwise pass.
     """
-    files, config = _transformer_source(path)
-    infos = {k: v for f in files for k, v in read_header(f).items()}
-    _refuse_non_zit(path.name, infos, trainable)
-    return files, config, _converted_shapes(infos)
+    return _inspect(Path(path), trainable)[:3]
+
+
+def _chunks(tensor: torch.Tensor) -> list[torch.Tensor]:
+    return [c.clone() for c in tensor.chunk(3, dim=0)]
+
+
+def _diffusers_parts(key: str, value: torch.Tensor | StoredWeight
+                     ) -> Iterator[tuple[str, torch.Tensor | StoredWeight]]:
+    """Diffusers (name, part) pairs of one checkpoint weight; a fused qkv is split into rows q, k, v."""
+    names = diffusers_keys(key)
+    if len(names) == 3:
+        parts = value.split_rows(3) if isinstance(value, StoredWeight) else _chunks(value)
+        yield from zip(names, parts, strict=True)
+    else:
+        yield from ((n, value) for n in names)
+
+
+def _stored_linear(value: torch.Tensor | StoredWeight, storage: str, dtype: torch.dtype,
+                   device: torch.device | str) -> nn.Linear:
+    """A frozen bias-less Linear module holding one block weight in `storage` (the bias is set afterwards)."""
+    if storage == "fp8":
+        stored = value.to(device)
+        q, scale = stored.as_fp8() if isinstance(stored, StoredWeight) else quantize_fp8(stored)
+        return Fp8Linear(q, scale, None, dtype)
+    weight = value.dequantize(dtype) if isinstance(value, StoredWeight) else value
+    return bnb_linear(weight, None, storage, dtype, device)
+
+
+def _load_weights(model: nn.Module, files: list[Path], layout: QuantLayout, dtype: torch.dtype,
+                  device: torch.device | str, storage: str, block_device: torch.device | str | None) -> None:
+    """Fill a meta model from a checkpoint tensor by tensor: names converted, quantized weights decoded, the
+    QUANTIZED_MODULES Linears swapped for their `storage` modules as each weight arrives."""
+    tensors, linears = {}, {}
+    for key, value in read_weights(files, layout):
+        for name, part in _diffusers_parts(key, value):
+            target = block_device if block_device is not None and name.startswith("layers.") else device
+            module, _, leaf = name.rpartition(".")
+            if storage != "bf16" and leaf == "weight" and QUANTIZED_MODULES.fullmatch(module):
+                linears[module] = _stored_linear(part, storage, dtype, target)
+            elif isinstance(part, StoredWeight):
+                tensors[name] = part.to(target).dequantize(dtype)
+            else:
+                tensors[name] = part.to(device=target, dtype=dtype)
+    for module, linear in linears.items():
+        bias = tensors.pop(f"{module}.bias", None)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        parent, _, child = module.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    model.load_state_dict(tensors, strict=False, assign=True)
 
 
 def checkpoint_spec(path: PathLike) -> ZitSpec:
@@ -139,15 +210,31 @@ def checkpoint_spec(path: PathLike) -> ZitSpec:
 
 
 def load_transformer(
-    path: PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+    path: PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    storage: str = "bf16",
+    block_device: torch.device | str | None = None,
 ) -> ZImageTransformer2DModel:
-    """Load a ZIT transformer (ComfyUI single file or diffusers folder) offline; frozen, eval mode."""
+    """Load a ZIT transformer (ComfyUI single file or diffusers folder, bf16/fp32 or fp8/int8-quantized)
+    offline; frozen, eval mode.
+
+    `storage` holds the block Linears (QUANTIZED_MODULES): "bf16" = in `dtype` like every other weight
+    (quantized files decoded); "fp8" = Fp8Linear (a file's e4m3fn weight and scale kept as stored, other
+    weights quantized per row); "nf4" / "int8" = bitsandbytes layers (QLoRA). With `block_device` the main
+    blocks' (layers.N) weights go there instead of `device`, for block swap (bf16 and fp8 only).
+    """
     path = Path(path)
-    files, config, shapes = transformer_checkpoint(path)
+    check_storage(storage)
+    if storage in ("nf4", "int8"):
+        if block_device is not None:
+            raise ModelLoadError(f'{path.name}: block swap streams bf16 or fp8 blocks, not "{storage}" ones')
+        bitsandbytes(storage)
+    files, config, shapes, layout = _inspect(path, trainable=True)
     model = _instantiate(config or transformer_config(spec_from_shapes(shapes)), "meta")
     _check_shapes(model, shapes, path.name)
-    for f in files:
-        _load_file_into(model, f, dtype, device)
+    _load_weights(model, files, layout, dtype, device, storage, block_device)
+    mark_storage(model, storage)
     return model.requires_grad_(False).eval()
 
 
