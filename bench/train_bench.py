@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import statistics
 import sys
@@ -42,13 +43,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from PIL import Image  # noqa: E402
-from trainer.memory import MemoryPlan  # noqa: E402
 
 from trainer import loop, run_models  # noqa: E402
 from trainer.config import config_from_dict  # noqa: E402
 from trainer.data import LazyEncoder  # noqa: E402
 from trainer.lora.spec import ZIT, ZitSpec  # noqa: E402
-from trainer.model import build_transformer, inject_lora, resolve_targets  # noqa: E402
+from trainer.memory import MemoryPlan  # noqa: E402
+from trainer.model import build_transformer, inject_lora, quantize_transformer, resolve_targets  # noqa: E402
 from trainer.tiny import TINY_SPEC  # noqa: E402
 
 PEAK_SPEC = 989e12  # H100 / H200 SXM dense bf16, the datasheet number
@@ -189,30 +190,60 @@ def cpu_bench(args: argparse.Namespace) -> None:
                 torch.device("cpu"), checkpointing=False)
     steps = args.steps or 20
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = engine_trainer(case, random_transformer(case), Path(tmp))
+        trainer = engine_trainer(case, random_transformer(case), Path(tmp) / "engine")
         batch = trainer.data.load_batch(trainer.data.sampler(1).next_batch())
         model = random_transformer(case)
         inject_lora(model, case.rank, float(case.rank), "aitoolkit")
         bare = BareLoop(case, model, batch.latents, batch.text_embeds)
         rows = {"bare torch loop": bare.step, "engine Trainer.train_step": trainer.train_step}
-        for step in rows.values():
-            seconds_per_step(step, args.warmup, case.device)
-        times: dict[str, list[float]] = {name: [] for name in rows}
-        for _ in range(args.rounds):
-            for name, step in rows.items():
-                times[name].append(seconds_per_step(step, steps, case.device))
+        times = alternate(rows, args, steps, case.device)
     n_lora = sum(p.numel() for p in bare.params)
     print(f"CPU: tiny Z-Image (dim {case.spec.dim}, {case.spec.n_layers} layers), {case.size}x{case.size} "
           f"({case.image_tokens} image tokens), {case.text_tokens} text tokens, rank {case.rank} "
           f"({n_lora} LoRA parameters), batch 1, fp32, {args.threads} thread(s); median of {args.rounds} "
           f"alternating rounds of {steps} steps after {args.warmup} warm-up steps")
-    base = statistics.median(times["bare torch loop"])
+    print_ratios(times, "bare torch loop")
+    engine, bare_s = (statistics.median(times[k]) for k in ("engine Trainer.train_step", "bare torch loop"))
+    print(f"engine overhead {engine / bare_s - 1:+.1%} (goal <= +10%)")
+    memory_plans_bench(args, dataclasses.replace(case, checkpointing=True), steps)
+
+
+def memory_plans_bench(args: argparse.Namespace, case: Case, steps: int) -> None:
+    """The engine in the fp8 and fp8 + swap plans against the plain plan (all with checkpointing)."""
+    k = max(1, case.spec.n_layers // 3)
+    plans = {"plain (fp32 base)": MemoryPlan("bf16", 0, 1, case.size),
+             "fp8 base": MemoryPlan("fp8", 0, 1, case.size),
+             f"fp8 + swap (K={k})": MemoryPlan("fp8", k, 1, case.size)}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = {}
+        for i, (label, plan) in enumerate(plans.items()):
+            model = random_transformer(case)
+            quantize_transformer(model, plan.storage, case.dtype)
+            rows[label] = engine_trainer(case, model, Path(tmp) / str(i), plan=plan).train_step
+        times = alternate(rows, args, steps, case.device)
+    print(f"memory plans on the same tiny model with gradient checkpointing ({case.spec.n_layers} main "
+          "blocks; fp8 dequantizes every block Linear per pass, swap copies blocks in every step):")
+    print_ratios(times, "plain (fp32 base)")
+
+
+def alternate(rows: dict[str, Callable[[], object]], args: argparse.Namespace, steps: int,
+              device: torch.device) -> dict[str, list[float]]:
+    """s/step of each row, timed in alternating rounds after a warm-up (the machine may be shared)."""
+    for step in rows.values():
+        seconds_per_step(step, args.warmup, device)
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(args.rounds):
+        for name, step in rows.items():
+            times[name].append(seconds_per_step(step, steps, device))
+    return times
+
+
+def print_ratios(times: dict[str, list[float]], baseline: str) -> None:
+    base = statistics.median(times[baseline])
     print(f"{'loop':28} {'s/step':>9} {'ratio':>6}")
     for name, values in times.items():
         med = statistics.median(values)
         print(f"{name:28} {med:9.5f} {med / base:6.3f}")
-    overhead = statistics.median(times["engine Trainer.train_step"]) / base - 1
-    print(f"engine overhead {overhead:+.1%} (goal <= +10%)")
 
 
 # ---- CUDA: the full-size step --------------------------------------------------------------------------

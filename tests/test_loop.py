@@ -500,3 +500,22 @@ def test_train_bench_dry_run_runs_the_cuda_code_path_on_the_cpu(monkeypatch, cap
     assert "diffusers + peft reference" in out and "engine Trainer.train_step" in out
     assert bench.step_flops(bench.Case(bench.ZIT, 1024, 512, 32, torch.bfloat16, torch.device("cpu"), True),
                             6_154_908_736) == pytest.approx(2.01e14, rel=0.01)  # DOMAIN.md section 8: ~2e14
+
+
+def test_gpu_suite_dry_run_runs_every_memory_plan_on_the_cpu(monkeypatch, capsys):
+    """bench/gpu_suite.py's rows (reference, bf16, fp8, fp8 + swap at two depths) run through the Trainer."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "bench" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_suite", suite)
+    spec.loader.exec_module(suite)
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--dry-run"])
+    suite.main()
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith(("bf16", "fp8"))]
+    rows = {line.split("  ")[0]: line.split() for line in lines}
+    assert set(rows) == {"bf16", "fp8", "fp8 + swap (K=2)", "fp8 + swap (K=1)"}, out
+    loads = {name: float(cells[-1]) for name, cells in rows.items()}  # blocks copied in per step
+    assert loads == {"bf16": 0, "fp8": 0, "fp8 + swap (K=2)": 0, "fp8 + swap (K=1)": 2}, out
