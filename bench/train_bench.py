@@ -12,7 +12,7 @@ weights built on the GPU (no file), 1024x1024 (latent 16x128x128, 4096 image tok
 (torch.cuda.max_memory_allocated) and MFU of the engine's Trainer step and of a plain diffusers + peft
 reference loop (model.add_adapter(LoraConfig), torch.autocast bf16, fused AdamW, LoRA weights in fp32 as in
 the engine); --compile adds the engine with torch.compile'd transformer blocks. Goal on an H100: <= 0.5
-s/step and <= 20 GB. FLOP per step as in DOMAIN.md section 8: 3 x forward (forward, activation backward,
+s/step and <= 20 GB. FLOP per step: 3 x forward (forward, activation backward,
 checkpoint recompute), forward = 2 x parameters x tokens + attention (4 x L^2 x dim per block). MFU is given
 against 989 TFLOP/s (H100/H200 SXM dense bf16 spec) and 790 TFLOP/s (an 8192^3 bf16 matmul measured on one).
 
@@ -53,7 +53,7 @@ from trainer.model import build_transformer, inject_lora, quantize_transformer, 
 from trainer.tiny import TINY_SPEC  # noqa: E402
 
 PEAK_SPEC = 989e12  # H100 / H200 SXM dense bf16, the datasheet number
-PEAK_MEASURED = 790e12  # an 8192^3 bf16 matmul measured on one (DOMAIN.md section 8)
+PEAK_MEASURED = 790e12  # an 8192^3 bf16 matmul measured on one
 SHIFT = 3.0  # the engine's default timestep sampler: uniform pushed by a static shift of 3
 GB = 2**30
 
@@ -173,7 +173,7 @@ def seconds_per_step(step: Callable[[], object], steps: int, device: torch.devic
 
 
 def step_flops(case: Case, n_params: int, passes: int = 3) -> float:
-    """FLOP of one LoRA training step (DOMAIN.md section 8): passes x (2 x params x tokens + attention)."""
+    """FLOP of one LoRA training step: passes x (2 x params x tokens + attention)."""
     img, txt = case.image_tokens, case.text_tokens
     seq = img + txt
     blocks = case.spec.n_layers * seq**2 + case.spec.n_refiner_layers * (img**2 + txt**2)
@@ -305,7 +305,7 @@ def gpu_bench(args: argparse.Namespace, case: Case) -> None:
           f"({case.image_tokens} image + {case.text_tokens} text tokens), "
           f"rank {case.rank} aitoolkit, batch 1, {str(case.dtype).removeprefix('torch.')}, gradient "
           f"checkpointing {'on' if case.checkpointing else 'off'}; {steps} steps after {warmup} warm-up")
-    print(f"FLOP per step {flops:.3g} (DOMAIN.md section 8); MFU against 989 TFLOP/s (spec) "
+    print(f"FLOP per step {flops:.3g} (3 passes with checkpointing); MFU against 989 TFLOP/s (spec) "
           "and 790 TFLOP/s (measured)")
     base = rows[0][1]
     header = ("s/step", "peak GB", "TFLOP/s", "MFU 989", "MFU 790")

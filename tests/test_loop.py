@@ -499,7 +499,7 @@ def test_train_bench_dry_run_runs_the_cuda_code_path_on_the_cpu(monkeypatch, cap
     out = capsys.readouterr().out
     assert "diffusers + peft reference" in out and "engine Trainer.train_step" in out
     assert bench.step_flops(bench.Case(bench.ZIT, 1024, 512, 32, torch.bfloat16, torch.device("cpu"), True),
-                            6_154_908_736) == pytest.approx(2.01e14, rel=0.01)  # DOMAIN.md section 8: ~2e14
+                            6_154_908_736) == pytest.approx(2.01e14, rel=0.01)  # 3 x (2 N L + attn)
 
 
 def test_gpu_suite_dry_run_runs_every_memory_plan_on_the_cpu(monkeypatch, capsys):

@@ -169,7 +169,7 @@ _ADAPTER_MODES = ("adapter", "adapter_dg")
 
 @dataclass(frozen=True)
 class TurboConfig:
-    """How to keep the 8-step turbo behaviour (DOMAIN.md section 3)."""
+    """How to keep the 8-step, cfg-1 turbo behaviour of the distilled model while training a LoRA on it."""
 
     mode: str = _opt(
         "sft",
@@ -189,7 +189,7 @@ class TurboConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Timestep sampling and the loss (flow matching, DOMAIN.md section 2)."""
+    """Timestep sampling and the loss (flow matching: x_t = (1 - s) x0 + s noise, target noise - x0)."""
 
     timesteps: str = _opt("shift", "timestep sampler", choices=("uniform", "shift", "logit_normal", "turbo"))
     shift: float = _opt(3.0, "sigma shift s' = k s / (1 + (k - 1) s) (timesteps = 'shift')", gt=0, le=100)

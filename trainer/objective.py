@@ -1,8 +1,8 @@
 """The flow-matching objective in sigma space: timestep samplers, noising, loss weights, losses, guidance.
 
-Conventions (DOMAIN.md section 2): ``noisy = (1 - s) * x0 + s * noise`` and the regression target is the
-velocity ``noise - x0``; s = 1 is pure noise, s = 0 the clean latent. The model's own time convention
-(t = 1 - s, negated output) lives in model.py; everything here works in sigma space.
+Conventions (those of every Z-Image trainer): ``noisy = (1 - s) * x0 + s * noise`` and the regression target
+is the velocity ``noise - x0``; s = 1 is pure noise, s = 0 the clean latent. The model's own time convention
+(t = 1 - s, negated output) lives in trainer/model/transformer.py; everything here works in sigma space.
 
 Every sampler takes a ``torch.Generator`` (on the CPU) and returns float32 sigmas of shape (batch,) that
 lie strictly inside (0, 1): at s = 0 the target would be trivially the input and s = 1 is never seen by

@@ -9,9 +9,9 @@ Scale semantics (read): dW = (alpha / rank) * B @ A with
 - an `.alpha` tensor: its value, in every dialect (ComfyUI and diffusers' converter honour it everywhere);
 - no `.alpha` tensor: scale 1. This is what kohya sd-scripts / musubi (`create_network_from_weights`:
   "support old LoRA without alpha" -> alpha = dim), ComfyUI (`alpha = 1.0` when v[2] is None) and diffusers'
-  `_convert_non_diffusers_z_image_lora_to_diffusers` (`get_alpha_scales` -> 1.0) all do. DOMAIN.md's
-  "default 1 -> scale 1/rank" describes kohya's *training* default `--network_alpha=1`, which is always
-  written into the file as an `.alpha` tensor; it does not apply to a file without one.
+  `_convert_non_diffusers_z_image_lora_to_diffusers` (`get_alpha_scales` -> 1.0) all do. The
+  belief "default 1 -> scale 1/rank" comes from kohya's *training* default `--network_alpha=1`, which is
+  always written into the file as an `.alpha` tensor; it does not apply to a file without one.
 - diffusers/peft: `lora_alpha`/`r` with `alpha_pattern`/`rank_pattern` (peft's regex match, `use_rslora`)
   from the safetensors header `lora_adapter_metadata` (pipeline form with `transformer.` prefixed keys, or
   unprefixed), else an `adapter_config.json` beside the file, else scale 1.
