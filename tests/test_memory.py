@@ -599,3 +599,13 @@ def test_cli_plan_reads_the_spec_from_a_checkpoint_header(tmp_path, capsys) -> N
     out = capsys.readouterr().out
     assert out.startswith('budget: 8.00 GiB (model.vram = \'8GB\'); transformer: 3 layers, dim 64')
     assert cli_main(["plan", "--config", str(run).replace("run.toml", "none.toml")]) == 2
+
+
+@pytest.mark.parametrize("k, fits", [(2, True), (3, False), (29, False)])
+def test_a_swap_depth_the_model_cannot_hold_is_refused_naming_the_value(k: int, fits: bool) -> None:
+    cfg = _cfg(model={"memory": "fp8_swap", "swap_blocks": k})  # the tiny model has 3 main blocks
+    if fits:
+        assert choose_plan(cfg, TINY_SPEC, None)[0].swap_blocks == k
+        return
+    with pytest.raises(MemoryPlanError, match=rf"^model.swap_blocks = {k}: must be between 1 and 2 "):
+        choose_plan(cfg, TINY_SPEC, None)

@@ -266,8 +266,10 @@ def _best(cfg: TrainConfig, spec: ZitSpec, kind: str, resolution: int, budget: i
     if not swap:
         return estimate(cfg, spec, plan, **kw)
     if cfg.model.swap_blocks:
-        k = min(cfg.model.swap_blocks, spec.n_layers - 1)
-        return estimate(cfg, spec, replace(plan, swap_blocks=k), **kw)
+        if cfg.model.swap_blocks >= spec.n_layers:
+            raise MemoryPlanError(f"model.swap_blocks = {cfg.model.swap_blocks}: must be between 1 and "
+                                  f"{spec.n_layers - 1} for this model ({spec.n_layers} main blocks)")
+        return estimate(cfg, spec, replace(plan, swap_blocks=cfg.model.swap_blocks), **kw)
     lo, hi = 1, max(1, spec.n_layers - 1)
     top = estimate(cfg, spec, replace(plan, swap_blocks=hi), **kw)
     if top.fits(budget):

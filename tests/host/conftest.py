@@ -43,6 +43,7 @@ import _comfy_inproc as inproc  # noqa: E402
 
 # The file names the workflows use; the fixture writes tiny files under these names.
 UNET = "z_image_turbo_bf16.safetensors"
+UNET_FP8 = "z_image_turbo_fp8_scaled.safetensors"  # the same weights, block Linears in ComfyUI's scaled fp8
 CLIP = "qwen_3_4b.safetensors"
 VAE = "ae.safetensors"
 LORAS = {  # name -> (seed, dialect, with adaLN)
@@ -242,6 +243,26 @@ def _write_not_zit(models: Path) -> None:
     shutil.copy(models / "loras" / next(iter(LORAS)), models / "diffusion_models" / next(names))
 
 
+def _scaled_fp8(state: dict) -> dict:
+    """A ComfyUI state dict in the old scaled-fp8 layout: block Linears as float8_e4m3fn with a per-tensor
+    `scale_weight`, the `scaled_fp8` marker, everything else as it was."""
+    import re
+
+    import torch
+
+    out = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    block_linear = re.compile(r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(qkv|out)|"
+                              r"feed_forward\.w[123])\.weight")
+    for key, w in state.items():
+        if not block_linear.fullmatch(key):
+            out[key] = w
+            continue
+        scale = w.float().abs().amax() / 448.0
+        out[key] = (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        out[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+    return out
+
+
 def write_tiny_models(comfyui: Path, base: Path) -> None:
     """Tiny Z-Image files under base/models, in ComfyUI's folders and as a diffusers folder."""
     from safetensors.torch import save_file
@@ -256,7 +277,9 @@ def write_tiny_models(comfyui: Path, base: Path) -> None:
         (models / sub).mkdir(parents=True, exist_ok=True)
     spec = ZitSpec(**TINY)
     transformer = _tiny_transformer(spec)
-    save_file(to_comfy_state_dict(transformer.state_dict()), models / "diffusion_models" / UNET)
+    comfy_sd = to_comfy_state_dict(transformer.state_dict())
+    save_file(comfy_sd, models / "diffusion_models" / UNET)
+    save_file(_scaled_fp8(comfy_sd), models / "diffusion_models" / UNET_FP8)
     transformer.save_pretrained(root / "transformer", max_shard_size="500MB")
     del transformer
     (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CLIP, DATASET, LORAS, UNET, VAE, ComfyClient, PromptError
+from conftest import CLIP, DATASET, LORAS, UNET, UNET_FP8, VAE, ComfyClient, PromptError
 
 ADAPTER = "zimage_turbo_training_adapter_v2.safetensors"
 assert ADAPTER in LORAS
@@ -358,6 +358,27 @@ def test_wait_blocks_with_progress_and_cancel_stops_the_job_after_saving(comfy: 
     assert (base_dir / "models" / "loras" / "zit-trainer" / "waited" / "waited.safetensors").is_file()
 
 
+def test_a_scaled_fp8_file_trains_in_the_fp8_plan(comfy: ComfyClient, base_dir: Path, events: Events):
+    """ComfyUI's scaled-fp8 file through UNETLoader -> ZIT Train (memory fp8): the plan in the routes, the
+    events and ComfyUI's log; the LoRA it saves applies to the bf16 model with core nodes."""
+    prompt = train_prompt("fp8run", steps=2, wait=True, turbo="sft", prompts="")
+    prompt["u"]["inputs"]["unet_name"] = UNET_FP8
+    prompt["t"]["inputs"]["memory"] = "fp8"
+    before = {j["id"] for j in get(comfy, "/zit/jobs")["jobs"]}
+    comfy.run(prompt, timeout=900)
+    (job_id,) = {j["id"] for j in get(comfy, "/zit/jobs")["jobs"]} - before
+    details = job(comfy, job_id)
+    assert details["job"]["status"] == "finished", details["job"]
+    plan = details["job"]["last"]["plan"]
+    assert plan["plan"] == "fp8" and plan["storage"] == "fp8" and plan["predicted_gb"] > 0, plan
+    assert events.of("plan", job_id) and events.of("plan", job_id)[-1]["plan"] == "fp8"
+    assert f"ZIT training job {job_id}: memory plan fp8, predicted peak" in comfy.log_tail(200_000)
+    lora = base_dir / "models" / "loras" / "zit-trainer" / "fp8run" / "fp8run.safetensors"
+    assert lora.is_file()
+    sampled = comfy.run(sample_prompt("zit-trainer/fp8run/fp8run.safetensors", seed=5), timeout=600)
+    assert sampled["s"]["images"]
+
+
 def _refusal(comfy: ComfyClient, prompt: dict) -> str:
     status, body = comfy.post_prompt(prompt)
     if status != 200:
@@ -380,6 +401,9 @@ def _refusal(comfy: ComfyClient, prompt: dict) -> str:
      or p["t"]["inputs"].update(model=["a", 0]), "carries LoRA patches"),
     (lambda p: p["d"]["inputs"].update(folder="no_such_dataset"), "does not exist"),
     (lambda p: p["t"]["inputs"].update(resume=True), "has no saved training state"),
+    (lambda p: p["t"]["inputs"].update(memory="fp8_swap", gradient_checkpointing=False),
+     "set model.gradient_checkpointing = true"),
+    (lambda p: p["t"]["inputs"].update(advanced="[model]\nvram = \"12XB\""), "model.vram"),
 ])
 def test_train_node_refuses_bad_settings_before_a_job_starts(comfy: ComfyClient, change, words):
     before = len(get(comfy, "/zit/jobs")["jobs"])
