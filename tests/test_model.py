@@ -39,16 +39,6 @@ def ckpt(tmp_path_factory):
     return save_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(scope="module")
-def source():
-    return tiny_transformer(0)
-
-
-@pytest.fixture(scope="module")
-def embeds():
-    return tiny_text_encoder(0).encode(["a red fox in the snow", "a cat"])
-
-
 def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()

@@ -29,7 +29,7 @@ from trainer.model.headers import read_header_and_metadata
 from trainer.model.keys import diffusers_keys
 from trainer.model.quantize import FP8, QUANTIZED_MODULES, Fp8Linear, quantize_transformer
 from trainer.objective import add_noise, velocity_target
-from trainer.tiny import TINY_SPEC, save_tiny_checkpoints, tiny_text_encoder, tiny_transformer
+from trainer.tiny import TINY_SPEC, save_tiny_checkpoints
 
 F32 = torch.float32
 E5M2 = torch.float8_e5m2
@@ -39,23 +39,7 @@ COMFY_BLOCK_LINEAR = re.compile(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: far faster than two fighting other processes for two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def source():
-    return tiny_transformer(0)
-
-
-@pytest.fixture(scope="module")
-def embeds():
-    return tiny_text_encoder(0).encode(["a red fox in the snow", "a cat"])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------

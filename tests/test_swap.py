@@ -25,13 +25,7 @@ SPEC = ZitSpec(dim=64, n_layers=6, n_refiner_layers=1, n_heads=4, cap_feat_dim=3
 N = SPEC.n_layers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """64-wide matmuls gain nothing from threads and crawl when other processes hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(fp8: bool = False, adapter: bool = False, device: str = "cpu") -> torch.nn.Module:
