@@ -368,7 +368,7 @@ def test_a_scaled_fp8_file_trains_in_the_fp8_plan(comfy: ComfyClient, base_dir: 
     comfy.run(prompt, timeout=900)
     (job_id,) = {j["id"] for j in get(comfy, "/zit/jobs")["jobs"]} - before
     details = job(comfy, job_id)
-    assert details["job"]["status"] == "finished", details["job"]
+    assert details["job"]["status"] == "done", details["job"]
     plan = details["job"]["last"]["plan"]
     assert plan["plan"] == "fp8" and plan["storage"] == "fp8" and plan["predicted_gb"] > 0, plan
     assert events.of("plan", job_id) and events.of("plan", job_id)[-1]["plan"] == "fp8"
