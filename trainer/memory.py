@@ -187,7 +187,6 @@ def _setup(cfg: TrainConfig, spec: ZitSpec, plan: MemoryPlan, text_tokens: int) 
         text_tokens=_pad(text_tokens),
         act_bytes=DTYPE_BYTES[cfg.model.dtype], rank=cfg.lora.rank,
         lora=frozenset(_lora_names(spec, _targets(cfg))),
-        fp8=model_shapes(spec).quantized if plan.storage == "fp8" else frozenset(),
         checkpointing=cfg.model.gradient_checkpointing)
 
 

@@ -1,15 +1,15 @@
 """Activation memory of one training step, replayed op by op on the diffusers Z-Image forward.
 
 No tensor is created: each op of `ZImageTransformer2DModel.forward` (patch/caption embedders, refiners,
-`ZImageTransformerBlock`, `FeedForward`, `ZSingleStreamAttnProcessor`, RMSNorm, the final layer) and of a
-peft LoRA Linear under autocast is replayed on sizes, and records what autograd saves for backward with the
-rules torch uses: a product saves each factor only when the other one needs a gradient, a frozen Linear
-saves its input never and its weight only when its input needs a gradient (a parameter costs nothing, a
-dequantized fp8 weight costs a bf16 copy), RMSNorm saves its float32 upcast, the rsqrt and its input,
-scaled-dot-product attention saves q, k, v, the output and a float32 logsumexp, and a LoRA under autocast
-saves its own bf16 cast of the input (peft upcasts the input to the fp32 factors, autocast casts it back),
-its rank-sized hidden and the bf16 casts of its factors. Nothing is saved before the first tensor that
-needs a gradient: refiners without a LoRA cost nothing. Storages are counted once.
+`ZImageTransformerBlock`, `FeedForward`, `ZSingleStreamAttnProcessor`, RMSNorm, the final layer) and of a peft
+LoRA Linear under autocast is replayed on sizes, and records what autograd saves for backward with the rules
+torch uses: a product saves each factor only when the other one needs a gradient, a frozen Linear saves its
+input never and its weight only when its input needs a gradient (a parameter costs nothing, and so does an fp8
+weight: Fp8Linear saves the stored weight, not a dequantized copy), RMSNorm saves its float32 upcast, the
+rsqrt and its input, scaled-dot-product attention saves q, k, v, the output and a float32 logsumexp, and a
+LoRA under autocast saves its own bf16 cast of the input (peft upcasts the input to the fp32 factors, autocast
+casts it back), its rank-sized hidden and the bf16 casts of its factors. Nothing is saved before the first
+tensor that needs a gradient: refiners without a LoRA cost nothing. Storages are counted once.
 
 With gradient checkpointing each block keeps only its inputs from forward to backward; while block i is
 recomputed and back-propagated, its saved tensors, its workspace and the inputs of blocks 0..i are alive.
@@ -39,14 +39,14 @@ _PARAM = _T(0)  # a parameter: already counted with the weights
 
 
 class _Tape:
-    """The unique tensors autograd holds, each with its kind ("act" or "dequant")."""
+    """The unique tensors autograd holds."""
 
     def __init__(self) -> None:
-        self.saved: dict[int, tuple[_T, str]] = {}
+        self.saved: dict[int, _T] = {}
 
-    def save(self, t: _T, kind: str = "act") -> None:
+    def save(self, t: _T) -> None:
         if t.nbytes:
-            self.saved.setdefault(id(t), (t, kind))
+            self.saved.setdefault(id(t), t)
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,6 @@ class ActivationSetup:
     act_bytes: int  # 2 for bf16/fp16 (autocast), 4 for fp32
     rank: int
     lora: frozenset[str]  # Linear names with the trained LoRA
-    fp8: frozenset[str] = frozenset()  # Linear names whose weight is dequantized per call (fp8 storage)
     checkpointing: bool = True
     fp32_layer_norm: bool = True  # CUDA autocast runs the final LayerNorm in float32 (CPU autocast does not)
 
@@ -73,9 +72,8 @@ class ActivationPeak:
     """The activation side of the step's peak."""
 
     act: int  # activation bytes alive at the peak (workspace included)
-    dequant: int  # dequantized fp8 weights autograd holds at the peak
     kept: int  # held from forward to backward (checkpointing: block inputs and what is outside blocks)
-    block: int  # the largest saved activations of one block (dequantized weights apart)
+    block: int  # the largest saved activations of one block
     workspace: int  # backward temporaries of the largest block
     where: str  # "forward end" or the block being back-propagated
 
@@ -88,15 +86,15 @@ class _Block:
     tape: _Tape = field(default_factory=_Tape)
 
 
-def _union(*tapes: dict[int, tuple[_T, str]]) -> dict[int, tuple[_T, str]]:
-    out: dict[int, tuple[_T, str]] = {}
+def _union(*tapes: dict[int, _T]) -> dict[int, _T]:
+    out: dict[int, _T] = {}
     for t in tapes:
         out.update(t)
     return out
 
 
-def _bytes(saved: dict[int, tuple[_T, str]], kind: str | None = None) -> int:
-    return sum(t.nbytes for t, k in saved.values() if kind is None or k == kind)
+def _bytes(saved: dict[int, _T]) -> int:
+    return sum(t.nbytes for t in saved.values())
 
 
 class _Forward:
@@ -118,8 +116,6 @@ class _Forward:
     def linear(self, tape: _Tape, name: str, x: _T, rows: int) -> _T:
         out_f, in_f = self.shapes.linears[name]
         lora, r = name in self.s.lora, self.s.rank
-        if x.grad and name in self.s.fp8:
-            tape.save(self.new(out_f * in_f), "dequant")
         if lora:
             tape.save(self.new(rows * in_f) if self.s.autocast else x)  # LoRA's own cast of x
             a_cast = self.cache.setdefault(name + ".A", self.new(r * in_f)) if self.s.autocast else _PARAM
@@ -258,23 +254,22 @@ class _Forward:
                 for t in b.inputs:
                     inputs.save(t)
         kept_of = [(inputs if ckpt else b.tape).saved for b in self.blocks]
-        casts = {id(t): (t, "act") for t in self.cache.values()}  # freed when autocast exits
+        casts = {id(t): t for t in self.cache.values()}  # freed when autocast exits
         fwd = _union(self.const.saved, self.pre.saved, *kept_of, self.post.saved, casts)
         best = (_bytes(fwd), fwd, 0, "forward end")
         alive = _union(self.const.saved, self.pre.saved)
         for b in self.blocks:  # in forward order: block i runs its backward with blocks 0..i kept
             if not b.tape.saved:
                 continue
-            alive.update({id(t): (t, "act") for t in b.inputs if t.nbytes} if ckpt else b.tape.saved)
+            alive.update({id(t): t for t in b.inputs if t.nbytes} if ckpt else b.tape.saved)
             now = _union(alive, b.tape.saved)
             work = self.workspace(b)
             if _bytes(now) + work > best[0]:
                 best = (_bytes(now) + work, now, work, b.name)
         total, live, work, where = best
-        dequant = _bytes(live, "dequant")
         kept = _bytes(_union(self.const.saved, self.pre.saved, *kept_of))
-        block = max((_bytes(b.tape.saved, "act") for b in self.blocks), default=0)
-        return ActivationPeak(total - dequant, dequant, kept, block, work, where)
+        block = max((_bytes(b.tape.saved) for b in self.blocks), default=0)
+        return ActivationPeak(total, kept, block, work, where)
 
 
 def activation_peak(shapes: ModelShapes, setup: ActivationSetup) -> ActivationPeak:
@@ -290,12 +285,12 @@ def saved_bytes(shapes: ModelShapes, setup: ActivationSetup) -> dict[str, int]:
     the first); "outer": what the ops outside the blocks save."""
     fwd = _Forward(shapes, setup)
     fwd.run()
-    seen: dict[int, tuple[_T, str]] = {}
+    seen: dict[int, _T] = {}
     out = {}
     for b in fwd.blocks:
         held = b.tape.saved
         if setup.checkpointing:
-            held = {id(t): (t, "act") for t in b.inputs if t.nbytes} if held else {}
+            held = {id(t): t for t in b.inputs if t.nbytes} if held else {}
         fresh = {k: v for k, v in held.items() if k not in seen}
         out[b.name] = _bytes(fresh)
         seen.update(fresh)

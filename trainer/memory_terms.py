@@ -173,16 +173,15 @@ def adapter_term(path: str, elem: int) -> Term:
 def dequant_workspace(storage: str, shapes: ModelShapes, act: ActivationPeak, act_bytes: int) -> Term:
     """Memory of dequantizing the quantized block Linears, on top of the activations' peak.
 
-    fp8 (Fp8Linear): the dequantized weights autograd holds at the peak (one block's with checkpointing,
-    every block's without), plus the two float32 temporaries of dequantizing the largest Linear (8 bytes an
-    element) where they exceed the backward workspace they alternate with (they live during the
-    (re)computed forward, the workspace during backward). bitsandbytes keeps the quantized weight for
+    fp8 (Fp8Linear): autograd keeps the fp8 weight only; each pass dequantizes one Linear at a time: the
+    largest Linear's two float32 temporaries and its compute-dtype result (8 + 2 bytes an element), where they
+    exceed the backward workspace they alternate with. bitsandbytes keeps the quantized weight for
     backward and dequantizes the largest Linear there again: counted twice, in the compute dtype."""
     largest = max((o * i for n, (o, i) in shapes.linears.items() if n in shapes.quantized), default=0)
     if storage == "fp8":
-        extra = max(0, 8 * largest - act.workspace)
-        note = f"dequantized weights autograd holds {gib(act.dequant)} + fp32 temporaries {gib(extra)} GiB"
-        return Term("dequant workspace", act.dequant + extra, note)
+        extra = max(0, (8 + act_bytes) * largest - act.workspace)
+        note = "the largest Linear dequantized (fp32 temporaries + result), beyond the backward workspace"
+        return Term("dequant workspace", extra, note)
     if storage in ("nf4", "int8"):
         return Term("dequant workspace", 2 * largest * act_bytes, "the largest Linear dequantized, x2")
     return Term("dequant workspace", 0, "none")

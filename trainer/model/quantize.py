@@ -47,11 +47,34 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.float() * scale.float()).to(dtype)
 
 
+class _Fp8Matmul(torch.autograd.Function):
+    """`x @ dequantize(q, scale).T + bias`, saving the fp8 weight (not a dequantized copy) for backward.
+
+    Autograd would otherwise keep every dequantized weight until backward (one block's with gradient
+    checkpointing, the whole model in the compute dtype without). Backward dequantizes again; only the input
+    gets a gradient (the base is frozen).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(q, scale)
+        return F.linear(x, dequantize(q, scale, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        q, scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        return grad.matmul(dequantize(q, scale, grad.dtype)), None, None, None
+
+
 class Fp8Linear(nn.Linear):
     """A frozen Linear whose weight is stored in fp8 with a float32 scale; forward dequantizes it on the fly.
 
     It stays an `nn.Linear` so peft wraps it like any Linear; `compute_dtype` tells peft which dtype its LoRA
-    weights take (instead of fp8). Backward flows to the input (and to LoRAs on top), never to the weight.
+    weights take (instead of fp8). Backward flows to the input (and to LoRAs on top), never to the weight;
+    autograd keeps the fp8 weight, not a dequantized copy (`_Fp8Matmul`).
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -75,9 +98,9 @@ class Fp8Linear(nn.Linear):
         return dequantize(self.weight, self.weight_scale, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantized_weight(x.dtype if x.is_floating_point() else self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(weight.dtype)
-        return F.linear(x.to(weight.dtype), weight, bias)
+        dtype = x.dtype if x.is_floating_point() else self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return _Fp8Matmul.apply(x.to(dtype), self.weight, self.weight_scale, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3fn, per-row scale"
