@@ -57,7 +57,7 @@ from .dataset import CATEGORY, WORK_FOLDER, ZitDataset, ZitDatasetType, work_roo
 ZitJobType = io.Custom("ZIT_JOB")
 NONE = "none"
 # Kept in step with trainer.config's choices (a host test checks), so importing the pack stays light.
-TURBO = ("adapter", "adapter_dg", "sft")
+TURBO = ("adapter", "adapter_dg", "sft", "distill")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor")
 MEMORY = ("auto", "bf16", "fp8", "bf16_swap", "fp8_swap", "nf4", "int8")
 MEMORY_TIP = (
@@ -71,7 +71,10 @@ TURBO_TIP = (
     "How the LoRA keeps 8-step turbo sampling. adapter: train over the de-distilling training adapter "
     "(merged in the job), then load the LoRA without it and sample 8 steps at cfg 1. adapter_dg: the same "
     "plus differential guidance from the frozen base (turbo.guidance_scale in advanced). sft: plain LoRA on "
-    "ZIT; sample it de-turbo (about 30 steps, cfg 2) or 8 steps with the DistillPatch attached.")
+    "ZIT; sample it de-turbo (about 30 steps, cfg 2) or 8 steps with the DistillPatch attached. distill: "
+    "pick an SFT LoRA in adapter; the job samples base + that LoRA de-turbo once per caption and seed and "
+    "trains a distill LoRA that makes it sample in 8 steps at cfg 1 (saved alone and merged with the SFT "
+    "LoRA as <name>_merged).")
 HINT = ("the dataset changed since ZIT Dataset encoded it, or the cache was cleared: queue the workflow "
         "again so ZIT Dataset re-encodes it")
 ADVANCED_EXAMPLE = "# e.g.\n# [optim]\n# scheduler = \"cosine\"\n# warmup_steps = 100\n"
@@ -238,9 +241,9 @@ def publish(run_dir: Path, target: Path, name: str) -> None:
 
     target.mkdir(parents=True, exist_ok=True)
     wanted = {c.lora.name: c.lora for c in list_checkpoints(run_dir, name) if c.lora is not None}
-    final = run_dir / f"{name}.safetensors"
-    if final.is_file():
-        wanted[final.name] = final
+    for final in (run_dir / f"{name}.safetensors", run_dir / f"{name}_merged.safetensors"):
+        if final.is_file():
+            wanted[final.name] = final
     for file_name, source in wanted.items():
         _place(source, target / file_name)
     steps = re.compile(rf"^{re.escape(name)}-step\d{{6,}}\.safetensors$")
@@ -540,6 +543,9 @@ class ZITTrain(io.ComfyNode):
 
         transformer = _model_file(model)
         name = check_field("save.name", name)
+        if turbo == "distill" and adapter == NONE:
+            raise ZitError("turbo 'distill' distills an SFT LoRA: pick it in adapter (a LoRA trained with "
+                           "turbo sft, from models/loras)")
         if turbo != "sft" and adapter == NONE:
             raise ZitError(f"turbo {turbo!r} trains over the training adapter: pick its file in adapter "
                            "(e.g. zimage_turbo_training_adapter_v2.safetensors in models/loras), or use "

@@ -174,12 +174,21 @@ class TurboConfig:
     mode: str = _opt(
         "sft",
         "sft: plain LoRA; adapter: train over a de-distilling adapter dropped at inference; "
-        "adapter_dg: adapter plus differential guidance",
-        choices=("sft", *_ADAPTER_MODES),
+        "adapter_dg: adapter plus differential guidance; distill: teach base + the SFT LoRA in turbo.adapter "
+        "to sample in 8 steps at cfg 1 by imitating its own de-turbo trajectories",
+        choices=("sft", *_ADAPTER_MODES, "distill"),
     )
-    adapter: str = _opt("", "training adapter LoRA file (required in the adapter modes)")
-    adapter_strength: float = _opt(1.0, "strength the adapter is merged at (adapter modes)", gt=0, le=4)
+    adapter: str = _opt("", "training adapter LoRA file (adapter modes), or the SFT LoRA (distill)")
+    adapter_strength: float = _opt(1.0, "strength the adapter (or SFT LoRA) is applied at", gt=0, le=4)
     guidance_scale: float = _opt(1.0, "differential guidance strength (adapter_dg mode only)", ge=0, le=100)
+    teacher_steps: int = _opt(
+        32, "distill: de-turbo steps of the teacher (a multiple of 8: its grid holds the 8 turbo sigmas)",
+        ge=8, le=400, multiple_of=8,
+    )
+    teacher_cfg: float = _opt(2.0, "distill: CFG scale of the teacher against the empty prompt", ge=1, le=30)
+    teacher_seeds: int = _opt(4, "distill: teacher trajectories (seeds) per caption", ge=1, le=1000)
+    rollout: int = _opt(0, "distill: student steps of the multi-step x0 term (0 = off, or 2..8)", ge=0, le=8)
+    rollout_weight: float = _opt(0.0, "distill: weight of the multi-step x0 term", ge=0, le=100)
 
     @property
     def dg_scale(self) -> float:
@@ -470,7 +479,7 @@ def _rule_required(cfg: TrainConfig) -> list[str | None]:
         _required(cfg, "model.text_encoder", why) if single else None,
         _required(cfg, "model.vae", why) if single else None,
         _required(cfg, "turbo.adapter", f" when turbo.mode = {_show(cfg.turbo.mode)}")
-        if adapter_mode
+        if adapter_mode or cfg.turbo.mode == "distill"
         else None,
         _required(cfg, "lora.target_regex", ' when lora.targets = "custom"')
         if cfg.lora.targets == "custom"
@@ -484,10 +493,15 @@ def _rule_required(cfg: TrainConfig) -> list[str | None]:
 def _rule_modal(cfg: TrainConfig) -> list[str | None]:
     adapter_mode = cfg.turbo.mode in _ADAPTER_MODES
     auto = cfg.model.memory == "auto"
+    distill = cfg.turbo.mode == "distill"
     swap = auto or cfg.model.memory.endswith("_swap")
     return [
-        _modal(cfg, "turbo.adapter", adapter_mode, 'turbo.mode is "adapter" or "adapter_dg"'),
-        _modal(cfg, "turbo.adapter_strength", adapter_mode, 'turbo.mode is "adapter" or "adapter_dg"'),
+        _modal(cfg, "turbo.adapter", adapter_mode or distill,
+               'turbo.mode is "adapter", "adapter_dg" or "distill"'),
+        _modal(cfg, "turbo.adapter_strength", adapter_mode or distill,
+               'turbo.mode is "adapter", "adapter_dg" or "distill"'),
+        *(_modal(cfg, f"turbo.{key}", distill, 'turbo.mode = "distill"')
+          for key in ("teacher_steps", "teacher_cfg", "teacher_seeds", "rollout", "rollout_weight")),
         _modal(cfg, "turbo.guidance_scale", cfg.turbo.mode == "adapter_dg", 'turbo.mode = "adapter_dg"'),
         _modal(cfg, "lora.target_regex", cfg.lora.targets == "custom", 'lora.targets = "custom"'),
         _modal(cfg, "model.swap_blocks", swap, 'model.memory is "auto", "bf16_swap" or "fp8_swap"'),
@@ -531,6 +545,10 @@ def _rule_schedule(cfg: TrainConfig) -> list[str | None]:
 
 def _rule_misc(cfg: TrainConfig) -> list[str | None]:
     errors: list[str | None] = []
+    if cfg.turbo.rollout == 1:
+        errors.append("turbo.rollout = 1: one student step is the velocity term itself; use 0 or 2..8")
+    if cfg.turbo.rollout and not cfg.turbo.rollout_weight:
+        errors.append(f"turbo.rollout = {cfg.turbo.rollout}: set turbo.rollout_weight > 0 to use it")
     if cfg.turbo.mode == "adapter_dg" and cfg.turbo.guidance_scale == 0:
         errors.append('turbo.guidance_scale = 0.0: no guidance; use turbo.mode = "adapter"')
     if cfg.model.memory.endswith("_swap") and not cfg.model.gradient_checkpointing:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -220,3 +221,31 @@ def load_trajectories(paths: Sequence[Path]) -> torch.Tensor:
     if len(shapes) != 1:
         raise DistillError(f"trajectories of different sizes in one batch: {sorted(shapes)}")
     return torch.stack(tensors)
+
+
+@dataclass
+class TrajectorySet:
+    """The trajectories a distill run trains on: one cache file per (caption, seed, size), with its prompt."""
+
+    jobs: list[TrajectoryJob]
+    paths: list[Path]
+
+    def batch(self, generator: torch.Generator, batch_size: int,
+              device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`batch_size` trajectories of one size drawn with `generator`, and their prompt embeddings."""
+        first = int(torch.randint(len(self.jobs), (1,), generator=generator))
+        same = [i for i, job in enumerate(self.jobs) if job.shape == self.jobs[first].shape]
+        draws = torch.randint(len(same), (batch_size - 1,), generator=generator)
+        picks = [first] + [same[int(k)] for k in draws]
+        latents = load_trajectories([self.paths[i] for i in picks]).to(device)
+        return latents, [self.jobs[i].embed.to(device) for i in picks]
+
+
+def trajectory_set(model: nn.Module, prompts: Sequence[tuple[torch.Tensor, int, int]], seeds: Sequence[int],
+                   negative: torch.Tensor, cache_dir: str | os.PathLike, model_id: str,
+                   settings: TeacherSettings, **options: Any) -> TrajectorySet:
+    """Every (prompt embedding, width, height) x seed as a cached teacher trajectory (`ensure_trajectories`
+    options: disable, progress, batch_size)."""
+    jobs = [TrajectoryJob(embed, seed, width, height) for embed, width, height in prompts for seed in seeds]
+    return TrajectorySet(jobs, ensure_trajectories(model, jobs, negative, cache_dir, model_id, settings,
+                                                   **options))

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from . import __version__
 from .checkpoint import TrainingObjects, find_latest_checkpoint, load_training_state, save_checkpoint
 from .config import TrainConfig, config_diff, config_from_dict, config_to_dict
 from .data import Dataset, build_cache, cached_text_embeddings, load_dataset
+from .distill import TeacherSettings, distill_loss, merge_sft_and_distill
+from .distill_cache import TrajectorySet, lora_fingerprint, trajectory_set
 from .files import atomic_write
 from .job import JobContext
 from .lora.formats import read_lora, write_lora
@@ -95,6 +98,7 @@ class Trainer:
         self.model = self.models.transformer
         self._prepare_data()
         self._prepare_lora()
+        self.trajectories = self._prepare_trajectories() if cfg.turbo.mode == "distill" else None
         self._prepare_optimization()
         if resume:
             self._resume(resume)
@@ -156,6 +160,8 @@ class Trainer:
             inject_lora(self.model, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init,
                         adapter_name=TRAINED)
         self.has_adapter = self.adapter is not None
+        # The training adapter is dropped at inference; distill's SFT LoRA is part of the student.
+        self.drops_adapter = self.has_adapter and cfg.turbo.mode != "distill"
         if self.has_adapter:
             attach_frozen_adapter(self.model, self.adapter, cfg.turbo.adapter_strength, name=ADAPTER)
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -169,6 +175,26 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.model.train()
+
+    def _prepare_trajectories(self) -> TrajectorySet:
+        """Distill mode: the teacher (base + SFT LoRA, trained LoRA off) samples every caption x seed once;
+        cached by content, so a resumed or repeated run reuses them."""
+        t = self.cfg.turbo
+        prompts = {(e.text_file, e.sample.bucket) for e in self.data.entries}
+        embeds = [(load_file(f)["text"], *bucket) for f, bucket in sorted(prompts)]
+        model_id = (f"{self.models.base_id}|sft={lora_fingerprint(self.adapter)}@{t.adapter_strength}"
+                    f"|{self.cfg.model.dtype}")
+        self._emit("log", message=f"distill: teacher trajectories for {len(embeds)} captions x "
+                   f"{t.teacher_seeds} seeds ({t.teacher_steps} steps, cfg {t.teacher_cfg:g})")
+        seeds = range(self.cfg.optim.seed, self.cfg.optim.seed + t.teacher_seeds)
+        teacher = TeacherSettings(t.teacher_steps, t.teacher_cfg)
+        self.model.eval()
+        with self._autocast():
+            found = trajectory_set(self.model, embeds, seeds, self.empty_embed.to(self.device),
+                                   self.cfg.cache_path, model_id, teacher, disable=[TRAINED],
+                                   progress=lambda done, total: self._progress("trajectories", done, total))
+        self.model.train()
+        return found
 
     def _prepare_optimization(self) -> None:
         o = self.cfg.optim
@@ -201,6 +227,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _micro_batch_loss(self) -> torch.Tensor:
+        if self.trajectories is not None:
+            t = self.cfg.turbo
+            latents, embeds = self.trajectories.batch(self.generator, self.cfg.data.batch_size, self.device)
+            with self._autocast():
+                return distill_loss(self.model, latents, embeds, self.generator, t.rollout, t.rollout_weight)
         o, batch = self.cfg.objective, self.data.load_batch(self.sampler.next_batch())
         x0 = batch.latents.to(self.device, torch.float32)
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
@@ -265,6 +296,12 @@ class Trainer:
                                config_to_dict(self.cfg), s.keep_last)
         final = self.run_dir / f"{s.name}.safetensors"
         atomic_write(final, lambda tmp: shutil.copyfile(ckpt.lora, tmp))
+        if self.trajectories is not None:  # distill: also SFT + distill as one plain LoRA, merged exactly
+            distill = self.trained_lora()
+            merged = merge_sft_and_distill(self.adapter, distill, self.cfg.turbo.adapter_strength,
+                                           distill.metadata)
+            write_lora(merged, self.run_dir / f"{s.name}_merged.safetensors",
+                       dialect=self.cfg.lora.save_dialect, dtype=DTYPES[self.cfg.lora.save_dtype])
         self._emit("checkpoint", step=self.step, path=str(ckpt.lora), lora=str(final))
         return final
 
@@ -282,7 +319,7 @@ class Trainer:
         seeds = [p.seed + i for i in range(len(p.prompts))]
         self.model.eval()
         with (self.ema.swapped() if self.ema is not None else nullcontext(),
-              adapter_disabled(self.model, ADAPTER) if self.has_adapter else nullcontext(),
+              adapter_disabled(self.model, ADAPTER) if self.drops_adapter else nullcontext(),
               self._autocast()):
             rows = []
             for settings in rows_settings:
