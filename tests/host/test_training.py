@@ -379,6 +379,19 @@ def test_a_scaled_fp8_file_trains_in_the_fp8_plan(comfy: ComfyClient, base_dir: 
     assert sampled["s"]["images"]
 
 
+def test_distill_mode_trains_from_an_sft_lora_and_publishes_the_merge(comfy: ComfyClient, base_dir: Path):
+    """ZIT Train turbo distill with an SFT LoRA from the loras folder: the distill LoRA and the exact SFT +
+    distill merge land in the loras folder, and core nodes sample with the merge."""
+    advanced = ADVANCED + "\n[turbo]\nteacher_steps = 8\nteacher_seeds = 1\n"
+    prompt = train_prompt("distilled", steps=2, wait=True, turbo="distill", adapter="zit_my_lora.safetensors",
+                          advanced=advanced, prompts="")
+    comfy.run(prompt, timeout=900)
+    loras = base_dir / "models" / "loras" / "zit-trainer" / "distilled"
+    assert (loras / "distilled.safetensors").is_file() and (loras / "distilled_merged.safetensors").is_file()
+    merged = "zit-trainer/distilled/distilled_merged.safetensors"
+    assert comfy.run(sample_prompt(merged, seed=6), timeout=600)["s"]["images"]
+
+
 def _refusal(comfy: ComfyClient, prompt: dict) -> str:
     status, body = comfy.post_prompt(prompt)
     if status != 200:
