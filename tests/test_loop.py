@@ -513,3 +513,15 @@ def test_gpu_suite_dry_run_runs_every_memory_plan_on_the_cpu(monkeypatch, capsys
     assert set(rows) == {"bf16", "fp8", "fp8 + swap (K=2)", "fp8 + swap (K=1)"}, out
     loads = {name: float(cells[-1]) for name, cells in rows.items()}  # blocks copied in per step
     assert loads == {"bf16": 0, "fp8": 0, "fp8 + swap (K=2)": 0, "fp8 + swap (K=1)": 2}, out
+
+
+def test_turbo_health_is_measured_sent_and_saved_in_the_lora(tmp_path, images, cache):
+    ctx = StopAfter(10**6)
+    cfg = make_config(tmp_path, images, cache, preview={"health_every": 2, "health_size": 64})
+    result = Trainer(cfg, ctx).run()
+    health = [d for kind, d in ctx.events if kind == "health"]
+    assert [d["step"] for d in health] == [2, 4, 6]
+    assert all(d["health"] > 0 and d["threshold"] > 1 for d in health)
+    assert health[0]["health"] != health[-1]["health"]  # the LoRA moved the 8-step trajectory
+    saved = read_lora(result.lora_path).metadata["zit.turbo_health"]
+    assert float(saved) == pytest.approx(health[-1]["health"], abs=1e-4)

@@ -281,6 +281,11 @@ class PreviewConfig:
     turbo_steps: int = _opt(8, "sampling steps of turbo previews", ge=1, le=200)
     deturbo_steps: int = _opt(30, "sampling steps of de-turbo previews", ge=1, le=200)
     deturbo_cfg: float = _opt(2.0, "CFG scale of de-turbo previews", ge=1, le=30)
+    health_every: int = _opt(
+        100, "turbo health (8-step x0 drift vs the untouched base, adapter off) every N steps; 0 = off",
+        ge=0,
+    )
+    health_size: int = _opt(256, "image side of the turbo-health samples", ge=16, le=2048, multiple_of=16)
 
 
 @dataclass(frozen=True)

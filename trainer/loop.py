@@ -23,6 +23,7 @@ from .data import Dataset, build_cache, cached_text_embeddings, load_dataset
 from .distill import TeacherSettings, distill_loss, merge_sft_and_distill
 from .distill_cache import TrajectorySet, lora_fingerprint, trajectory_set
 from .files import atomic_write
+from .health import TurboHealth
 from .job import JobContext
 from .lora.formats import read_lora, write_lora
 from .memory import MemoryPlan
@@ -99,6 +100,8 @@ class Trainer:
         self._prepare_data()
         self._prepare_lora()
         self.trajectories = self._prepare_trajectories() if cfg.turbo.mode == "distill" else None
+        self.health = self._prepare_health()
+        self.turbo_health: float | None = None
         self._prepare_optimization()
         if resume:
             self._resume(resume)
@@ -196,6 +199,28 @@ class Trainer:
         self.model.train()
         return found
 
+    def _prepare_health(self) -> TurboHealth | None:
+        """The turbo-health meter on the preview prompts (else the empty prompt) and seeds, adapter off."""
+        p = self.cfg.preview
+        if not p.health_every:
+            return None
+        embeds = list(self.preview_embeds) or [self.empty_embed]
+        return TurboHealth(self.model, [e.to(self.device) for e in embeds],
+                           [p.seed + i for i in range(len(embeds))], p.health_size, p.health_size,
+                           disable=[ADAPTER] if self.drops_adapter else [])
+
+    @torch.no_grad()
+    def measure_health(self) -> float:
+        """Turbo health now (EMA weights when EMA is on): sent as an event, warned past the limit."""
+        with self.ema.swapped() if self.ema is not None else nullcontext(), self._autocast():
+            value = self.health.measure()
+        self.turbo_health = value
+        self._emit("health", step=self.step, health=value, threshold=self.health.threshold)
+        warning = self.health.warning(value)
+        if warning:
+            self._emit("log", message=f"step {self.step}: {warning}")
+        return value
+
     def _prepare_optimization(self) -> None:
         o = self.cfg.optim
         params = list(self.params.values())
@@ -280,6 +305,7 @@ class Trainer:
             "zit.step": str(self.step),
             "zit.base_model": self.models.base_id,
             "zit.mode": self.cfg.turbo.mode,
+            **({"zit.turbo_health": f"{self.turbo_health:.4f}"} if self.turbo_health is not None else {}),
             "zit.config": json.dumps(config_to_dict(self.cfg)),
         })
         return lora
@@ -362,6 +388,8 @@ class Trainer:
                        lr=self.scheduler.get_last_lr()[0], **self._stats(times))
             if cfg.save.every and self.step % cfg.save.every == 0 and self.step < cfg.optim.steps:
                 self.save()
+            if self.health is not None and self.step % cfg.preview.health_every == 0:
+                self.measure_health()
             if cfg.preview.every and self.step % cfg.preview.every == 0:
                 self.preview()
         final = self.save()

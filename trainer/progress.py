@@ -24,6 +24,9 @@ class ProgressPrinter:
                               f"lr {d['lr']:.2e} {d['it_s']:.1f} it/s eta {eta}   ")
             if d["step"] == d["steps"]:
                 self.stream.write("\n")
+        elif event.kind == "health":
+            self.stream.write(f"\rturbo health {d['health']:.2f} at step {d['step']} "
+                              f"(1 = as the base, warning above {d['threshold']:g})\n")
         elif event.kind in ("log", "checkpoint", "preview"):
             text = d.get("message") or d.get("path")
             self.stream.write(f"\r{event.kind}: {text}\n")

@@ -172,6 +172,13 @@ function onCache(data) {
   update();
 }
 
+function onHealth(data) {
+  const job = store.jobs.get(data.job);
+  if (!job) return scheduleRefresh();
+  job.snap.last = { ...(job.snap.last || {}), health: data };
+  update();
+}
+
 function onPlan(data) {
   const job = store.jobs.get(data.job);
   if (!job) return scheduleRefresh();
@@ -539,7 +546,14 @@ function jobStats(snap) {
       : formatDuration(p.eta_s)],
     ["mem", p.mem_gb ? `${formatNumber(p.mem_gb, 3)} GB` : "–"], // 0 on the CPU: nothing measured
     ["plan", planText(snap.last?.plan)],
+    ["turbo health", healthText(snap.last?.health)],
   ];
+}
+
+function healthText(h) {
+  if (!Number.isFinite(Number(h?.health)) || h?.health === null) return "–";
+  const warn = h.health > h.threshold ? " ⚠ degrading: stop, or use the DistillPatch / distill mode" : "";
+  return `${formatNumber(h.health, 3)} at step ${h.step} (1 = base)${warn}`;
 }
 
 function planText(plan) {
@@ -758,6 +772,7 @@ onServerEvent("zit.status", onStatus);
 onServerEvent("zit.checkpoint", onCheckpoint);
 onServerEvent("zit.log", onLog);
 onServerEvent("zit.plan", onPlan);
+onServerEvent("zit.health", onHealth);
 onServerEvent("zit.cache", onCache);
 api.addEventListener("reconnected", () => refreshJobs()); // events sent while disconnected are lost
 
