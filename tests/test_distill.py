@@ -14,7 +14,6 @@ from trainer.distill import (
     STUDENT_SIGMAS,
     DistillError,
     TeacherSettings,
-    distill_loss,
     distill_outputs,
     distill_terms,
     teacher_velocity,
@@ -234,7 +233,7 @@ def test_distill_lora_brings_turbo_output_to_the_teacher(embeds, negative, tmp_p
     gen, losses = torch.Generator().manual_seed(0), []
     start = time.perf_counter()
     for _ in range(150):
-        loss = distill_loss(model, traj, prompts, gen)
+        loss = distill_terms(model, traj, prompts, gen).total
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -270,11 +269,11 @@ def test_distill_loss_refuses_bad_input(embeds):
     model, _ = student_model()
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(DistillError, match=r"\(batch, 9"):
-        distill_loss(model, torch.zeros(2, 8, 16, 8, 8), embeds, gen)
+        distill_terms(model, torch.zeros(2, 8, 16, 8, 8), embeds, gen)
     with pytest.raises(DistillError, match="1 text embeddings for 2"):
-        distill_loss(model, torch.zeros(2, 9, 16, 8, 8), embeds[:1], gen)
+        distill_terms(model, torch.zeros(2, 9, 16, 8, 8), embeds[:1], gen)
     with pytest.raises(DistillError, match="rollout = 1"):
-        distill_loss(model, torch.zeros(2, 9, 16, 8, 8), embeds, gen, rollout=1, rollout_weight=1.0)
+        distill_terms(model, torch.zeros(2, 9, 16, 8, 8), embeds, gen, rollout=1, rollout_weight=1.0)
 
 
 def _rollout_reference(model, traj, embeds, idx, detach: bool) -> torch.Tensor:

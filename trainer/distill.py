@@ -189,18 +189,6 @@ def distill_terms(
     return DistillTerms(total, velocity, roll, indices)
 
 
-def distill_loss(
-    model: nn.Module,
-    trajectories: torch.Tensor,
-    embeds: Sequence[torch.Tensor],
-    generator: torch.Generator,
-    rollout: int = 0,
-    rollout_weight: float = 0.0,
-) -> torch.Tensor:
-    """The scalar distill loss of one micro-batch (see distill_terms)."""
-    return distill_terms(model, trajectories, embeds, generator, rollout, rollout_weight).total
-
-
 # ---- outputs ----------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from . import __version__
 from .checkpoint import TrainingObjects, find_latest_checkpoint, load_training_state, save_checkpoint
 from .config import TrainConfig, config_diff, config_from_dict, config_to_dict
 from .data import Dataset, build_cache, cached_text_embeddings, load_dataset
-from .distill import TeacherSettings, distill_loss, merge_sft_and_distill
+from .distill import TeacherSettings, distill_terms, merge_sft_and_distill
 from .distill_cache import TrajectorySet, lora_fingerprint, trajectory_set
 from .files import atomic_write
 from .health import TurboHealth
@@ -256,7 +256,8 @@ class Trainer:
             t = self.cfg.turbo
             latents, embeds = self.trajectories.batch(self.generator, self.cfg.data.batch_size, self.device)
             with self._autocast():
-                return distill_loss(self.model, latents, embeds, self.generator, t.rollout, t.rollout_weight)
+                return distill_terms(self.model, latents, embeds, self.generator, t.rollout,
+                                     t.rollout_weight).total
         o, batch = self.cfg.objective, self.data.load_batch(self.sampler.next_batch())
         x0 = batch.latents.to(self.device, torch.float32)
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
