@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 GiB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-STORAGES = ("bf16", "fp8", "nf4", "int8")
 NF4_BLOCK = 64
 _MAIN_BLOCK = re.compile(r"layers\.(\d+)\.")
 

@@ -22,8 +22,16 @@ from .config import TrainConfig
 from .data import LazyEncoder
 from .errors import ZitError
 from .lora.spec import ZitSpec
-from .memory import MemoryEstimate, MemoryPlan, choose_plan, format_plan_table, free_vram, parse_vram
-from .model import checkpoint_spec, load_text_encoder, load_transformer, load_vae
+from .memory import (
+    MemoryEstimate,
+    MemoryPlan,
+    choose_plan,
+    format_plan_table,
+    free_vram,
+    parse_vram,
+    transformer_spec,
+)
+from .model import load_text_encoder, load_transformer, load_vae
 from .model.quantize import quantize_transformer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -181,20 +189,11 @@ class PlannedMemory:
                 "relative_time": chosen.relative_time}
 
 
-def model_spec_of(cfg: TrainConfig) -> ZitSpec:
-    """The transformer's spec from its checkpoint header (or the tiny spec), without loading weights."""
-    if cfg.model.transformer == "tiny":
-        from .tiny import TINY_SPEC
-
-        return TINY_SPEC
-    return checkpoint_spec(cfg.model.transformer)
-
-
 def plan_memory(cfg: TrainConfig, device: torch.device, spec: ZitSpec | None = None) -> PlannedMemory:
     """Choose the run's memory plan for the budget (model.vram, else the device's free memory) from the
     config and headers alone; refuses before anything loads when nothing fits or a package is missing."""
     budget = parse_vram(cfg.model.vram) if cfg.model.vram else free_vram(device)
-    plan, estimates = choose_plan(cfg, spec or model_spec_of(cfg), budget)
+    plan, estimates = choose_plan(cfg, spec or transformer_spec(cfg), budget)
     if plan.storage in ("nf4", "int8") and importlib.util.find_spec("bitsandbytes") is None:
         raise ZitError(f'model.memory = "{plan.storage}" needs bitsandbytes: pip install bitsandbytes')
     return PlannedMemory(plan, estimates, budget)
