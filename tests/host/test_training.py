@@ -502,7 +502,7 @@ def test_image_encoding_is_the_engine_latent_convention(pack_nodes: Any):
 
 
 def test_publish_mirrors_the_runs_loras_and_only_them(pack_nodes: Any, tmp_path: Path):
-    publish = pack_nodes.training.publish
+    publish = pack_nodes.training_job.publish
     run, target = tmp_path / "run", tmp_path / "loras" / "r"
     run.mkdir()
     for step in (2, 4):
@@ -545,7 +545,7 @@ def test_vram_reserve_tracks_the_jobs_working_memory_and_gives_it_back(pack_node
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: counters["peak"])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: counters["now"])
     base = mm.EXTRA_RESERVED_VRAM
-    reserve = pack_nodes.training.VramReserve()
+    reserve = pack_nodes.training_job.VramReserve()
     reserve.start()
     reserve.update()
     assert mm.EXTRA_RESERVED_VRAM == base  # no step yet: peak == allocated
