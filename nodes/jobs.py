@@ -60,6 +60,7 @@ class Record:
     run: Run
     loss: list[list[float]] = field(default_factory=list)
     lr: list[list[float]] = field(default_factory=list)
+    health: list[list[float]] = field(default_factory=list)
 
 
 RUNNER = JobRunner()
@@ -73,6 +74,8 @@ def _record_series(event: JobEvent) -> None:
     if record is not None and event.kind == "progress":
         record.loss.append([event.data["step"], event.data["loss"]])
         record.lr.append([event.data["step"], event.data["lr"]])
+    elif record is not None and event.kind == "health":
+        record.health.append([event.data["step"], event.data["health"]])
 
 
 def _log_event(event: JobEvent) -> None:
@@ -300,11 +303,13 @@ def snapshot(job: Job, record: Record) -> dict[str, Any]:
 
 
 def details(job: Job, record: Record) -> dict[str, Any]:
-    """GET /zit/jobs/{id}: the snapshot, the loss and lr series, the previews and the checkpoint names."""
+    """GET /zit/jobs/{id}: the snapshot, the loss, lr and turbo-health series, the previews and the
+    checkpoint names."""
     return _finite({
         "job": snapshot(job, record),
         "loss": [list(p) for p in record.loss],
         "lr": [list(p) for p in record.lr],
+        "health": [list(p) for p in record.health],
         "previews": previews(job, record.run),
         "checkpoints": [c.lora.name for c in checkpoints(record.run)],
     })

@@ -2,6 +2,7 @@
 
 GET  /zit/jobs                         {"jobs": [snapshot, ...]}
 GET  /zit/jobs/{id}                    {"job": snapshot, "loss": [[step, loss]], "lr": [[step, lr]],
+                                        "health": [[step, turbo health]],
                                         "previews": [{"step", "name", "url"}], "checkpoints": [file name]}
 POST /zit/jobs/{id}/stop               {"ok": true, "job": snapshot}; 409 when it has already finished
 POST /zit/jobs/{id}/resume             body {} or {"checkpoint": one of its checkpoints} -> {"job": snapshot}

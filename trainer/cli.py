@@ -66,6 +66,8 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"error: {job.error}", file=sys.stderr)
         return 1
     print(f"LoRA: {job.result.lora_path} (step {job.result.step})")
+    if job.result.losses:
+        print(f"loss and turbo-health curves: {job.result.lora_path.parent / 'loss.png'}")
     return 0
 
 

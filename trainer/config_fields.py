@@ -145,6 +145,14 @@ class TurboConfig:
     )
     teacher_cfg: float = _opt(2.0, "distill: CFG scale of the teacher against the empty prompt", ge=1, le=30)
     teacher_seeds: int = _opt(4, "distill: teacher trajectories (seeds) per caption", ge=1, le=1000)
+    teacher_prompts: str = _opt(
+        "", "distill: text file of extra teacher prompts, one per line, sampled square at the largest "
+        "data.resolutions (with it, data.dataset may be empty: no images needed)",
+    )
+    distill_into: str = _opt(
+        "new", "distill: new = train a fresh distill LoRA over the frozen SFT LoRA (saves both and the exact "
+        "merge); sft = keep training the SFT LoRA itself (its rank; saves one LoRA)", choices=("new", "sft"),
+    )
     rollout: int = _opt(0, "distill: student steps of the multi-step x0 term (0 = off, or 2..8)", ge=0, le=8)
     rollout_weight: float = _opt(0.0, "distill: weight of the multi-step x0 term", ge=0, le=100)
 

@@ -25,16 +25,17 @@ def _required(cfg: TrainConfig, dotted: str, why: str = "") -> str | None:
 
 
 def _rule_required(cfg: TrainConfig) -> list[str | None]:
-    adapter_mode = cfg.turbo.mode in _ADAPTER_MODES
+    adapter_mode, distill = cfg.turbo.mode in _ADAPTER_MODES, cfg.turbo.mode == "distill"
     single = cfg.model.transformer.lower().endswith((".safetensors", ".sft"))
     why = ": a single-file transformer has no folder to take it from"
     return [
         _required(cfg, "model.transformer"),
-        _required(cfg, "data.dataset"),
+        None if distill and cfg.turbo.teacher_prompts
+        else _required(cfg, "data.dataset", " (or turbo.teacher_prompts)" if distill else ""),
         _required(cfg, "model.text_encoder", why) if single else None,
         _required(cfg, "model.vae", why) if single else None,
         _required(cfg, "turbo.adapter", f" when turbo.mode = {_show(cfg.turbo.mode)}")
-        if adapter_mode or cfg.turbo.mode == "distill"
+        if adapter_mode or distill
         else None,
         _required(cfg, "lora.target_regex", ' when lora.targets = "custom"')
         if cfg.lora.targets == "custom"
@@ -56,7 +57,8 @@ def _rule_modal(cfg: TrainConfig) -> list[str | None]:
         _modal(cfg, "turbo.adapter_strength", adapter_mode or distill,
                'turbo.mode is "adapter", "adapter_dg" or "distill"'),
         *(_modal(cfg, f"turbo.{key}", distill, 'turbo.mode = "distill"')
-          for key in ("teacher_steps", "teacher_cfg", "teacher_seeds", "rollout", "rollout_weight")),
+          for key in ("teacher_steps", "teacher_cfg", "teacher_seeds", "teacher_prompts", "distill_into",
+                      "rollout", "rollout_weight")),
         _modal(cfg, "turbo.guidance_scale", cfg.turbo.mode == "adapter_dg", 'turbo.mode = "adapter_dg"'),
         _modal(cfg, "lora.target_regex", cfg.lora.targets == "custom", 'lora.targets = "custom"'),
         _modal(cfg, "model.swap_blocks", swap, 'model.memory is "auto", "bf16_swap" or "fp8_swap"'),

@@ -67,7 +67,6 @@ def run_demo(out: str | Path = "demo_output", steps: int = 120) -> Path:
     """Generate, train with a progress bar, and write the LoRA, loss curve and before/after grid."""
     from .job import JobRunner
     from .loop import train
-    from .plots import loss_curve_png
     from .progress import ProgressPrinter
 
     out = Path(out)
@@ -83,7 +82,6 @@ def run_demo(out: str | Path = "demo_output", steps: int = 120) -> Path:
         raise SystemExit(f"error: {job.error}")
     result = job.result
     run_dir = Path(cfg.run_dir)
-    loss_curve_png(result.losses, run_dir / "loss.png")
     before, after = (Image.open(p) for p in (result.previews[0], result.previews[-1]))
     both = Image.new("RGB", (before.width, before.height + after.height), "white")
     both.paste(before, (0, 0))

@@ -14,24 +14,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from . import __version__
 from .checkpoint import TrainingObjects, find_latest_checkpoint, load_training_state, save_checkpoint
 from .config import TrainConfig, config_diff, config_from_dict, config_to_dict
 from .data import Dataset, build_cache, cached_text_embeddings, load_dataset
 from .distill import TeacherSettings, distill_terms, merge_sft_and_distill
-from .distill_cache import TrajectorySet, lora_fingerprint, trajectory_set
+from .distill_cache import TrajectorySet
+from .distill_run import (
+    build_trajectories,
+    distill_meter,
+    read_prompt_list,
+    teacher_identity,
+    teacher_prompts,
+)
 from .files import atomic_write
-from .health import TurboHealth
+from .health import TeacherDistance, TurboHealth
 from .job import JobContext
 from .lora.formats import read_lora, write_lora
-from .memory import MemoryPlan
+from .memory import MemoryPlan, transformer_spec
 from .model import (
     adapter_disabled,
     adapters_disabled,
     attach_frozen_adapter,
     inject_lora,
+    load_lora_into_peft,
     lora_from_peft,
     predict_velocity,
 )
@@ -45,6 +52,7 @@ from .objective import (
     velocity_target,
 )
 from .optim import Ema, build_optimizer, build_scheduler
+from .plots import loss_curve_png
 from .run_models import (
     DTYPES,
     OpenModels,
@@ -71,6 +79,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     stopped: bool = False
     previews: list[Path] = field(default_factory=list)
+    health: list[tuple[int, float]] = field(default_factory=list)  # (step, turbo health) as measured
 
 
 class Trainer:
@@ -93,15 +102,18 @@ class Trainer:
         self.step = 0
         # Bad data and a bad adapter file are refused before a 12 GB model is loaded.
         self.dataset = dataset if dataset is not None else self._scan_dataset()
-        self.adapter = read_lora(cfg.turbo.adapter) if cfg.turbo.mode != "sft" else None
+        self.adapter = self._read_adapter()
+        distill = cfg.turbo.mode == "distill"
+        self.prompt_list = read_prompt_list(cfg.turbo.teacher_prompts) if cfg.turbo.teacher_prompts else []
         self._emit("log", message=f"loading the model on {self.device}")
         self.models = (models or open_models)(cfg, self.device, self.plan)
         self.model = self.models.transformer
         self._prepare_data()
         self._prepare_lora()
-        self.trajectories = self._prepare_trajectories() if cfg.turbo.mode == "distill" else None
+        self.trajectories = self._prepare_trajectories() if distill else None
         self.health = self._prepare_health()
         self.turbo_health: float | None = None
+        self.health_history: list[tuple[int, float]] = []
         self._prepare_optimization()
         if resume:
             self._resume(resume)
@@ -132,8 +144,15 @@ class Trainer:
     def _progress(self, stage: str, done: int, total: int) -> None:
         self._emit("cache", stage=stage, done=done, total=total)
 
-    def _scan_dataset(self) -> Dataset:
+    def _read_adapter(self):
+        """The training adapter / SFT LoRA, checked against the transformer's header before loading."""
+        t = self.cfg.turbo
+        return read_lora(t.adapter, spec=transformer_spec(self.cfg)) if t.mode != "sft" else None
+
+    def _scan_dataset(self) -> Dataset | None:
         d = self.cfg.data
+        if not d.dataset:  # distill from a prompt list alone
+            return None
         dataset = load_dataset(d.dataset, d.resolutions, recursive=d.recursive, caption=d.caption or None,
                                trigger=d.trigger or None, missing_caption=d.missing_caption,
                                bad_image=d.bad_image, min_side=d.min_side, caption_ext=d.caption_ext)
@@ -143,26 +162,38 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         d, cache, m = self.cfg.data, self.cfg.cache_path, self.models
-        self.data = build_cache(self.dataset, cache, m.encode_image, m.encode_text, m.vae_id, m.te_id,
-                                progress=self._progress)
+        self.data = self.sampler = None
+        if self.dataset is not None:
+            self.data = build_cache(self.dataset, cache, m.encode_image, m.encode_text, m.vae_id, m.te_id,
+                                    progress=self._progress)
+            self.sampler = self.data.sampler(d.batch_size, seed=self.cfg.optim.seed, repeats=d.repeats,
+                                             drop_last=d.drop_last, caption_dropout=d.caption_dropout)
+            self._emit("log", message=f"dataset: {len(self.data)} samples, {len(self.sampler)} batches per "
+                       "epoch")
         prompts = list(self.cfg.preview.prompts) + [""]
         embeds = cached_text_embeddings(prompts, cache, m.encode_text, m.te_id)
         self.preview_embeds, self.empty_embed = embeds[:-1], embeds[-1]
+        self.teacher_prompts = (teacher_prompts(self.data, self.prompt_list, max(d.resolutions), cache,
+                                                m.encode_text, m.te_id)
+                                if self.cfg.turbo.mode == "distill" else [])
         m.encode_image.release()
         m.encode_text.release()
-        self.sampler = self.data.sampler(d.batch_size, seed=self.cfg.optim.seed, repeats=d.repeats,
-                                         drop_last=d.drop_last, caption_dropout=d.caption_dropout)
-        self._emit("log", message=f"dataset: {len(self.data)} samples, {len(self.sampler)} batches per epoch")
 
     def _prepare_lora(self) -> None:
         cfg = self.cfg
         self.model.requires_grad_(False)
         targets = cfg.lora.target_regex if cfg.lora.targets == "custom" else cfg.lora.targets
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(cfg.optim.seed)  # peft draws A from the global RNG: make it the run's seed
-            inject_lora(self.model, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init,
-                        adapter_name=TRAINED)
-        self.has_adapter = self.adapter is not None
+        # distill_into = "sft": the SFT LoRA itself is trained (it is the teacher only before step 1).
+        self.continues_sft = cfg.turbo.mode == "distill" and cfg.turbo.distill_into == "sft"
+        if self.continues_sft:
+            load_lora_into_peft(self.model, self.adapter, TRAINED, trainable=True,
+                                strength=cfg.turbo.adapter_strength)
+        else:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(cfg.optim.seed)  # peft draws A from the global RNG: make it the run's seed
+                inject_lora(self.model, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init,
+                            adapter_name=TRAINED)
+        self.has_adapter = self.adapter is not None and not self.continues_sft
         # The training adapter is dropped at inference; distill's SFT LoRA is part of the student.
         self.drops_adapter = self.has_adapter and cfg.turbo.mode != "distill"
         if self.has_adapter:
@@ -180,30 +211,33 @@ class Trainer:
         self.model.train()
 
     def _prepare_trajectories(self) -> TrajectorySet:
-        """Distill mode: the teacher (base + SFT LoRA, trained LoRA off) samples every caption x seed once;
-        cached by content, so a resumed or repeated run reuses them."""
+        """Distill mode: the teacher (base + SFT LoRA) samples every prompt x seed once; cached by content,
+        so a resumed or repeated run reuses them (a resumed distill_into = "sft" run finds them cached)."""
         t = self.cfg.turbo
-        prompts = {(e.text_file, e.sample.bucket) for e in self.data.entries}
-        embeds = [(load_file(f)["text"], *bucket) for f, bucket in sorted(prompts)]
-        model_id = (f"{self.models.base_id}|sft={lora_fingerprint(self.adapter)}@{t.adapter_strength}"
-                    f"|{self.cfg.model.dtype}")
-        self._emit("log", message=f"distill: teacher trajectories for {len(embeds)} captions x "
+        self._emit("log", message=f"distill: teacher trajectories for {len(self.teacher_prompts)} prompts x "
                    f"{t.teacher_seeds} seeds ({t.teacher_steps} steps, cfg {t.teacher_cfg:g})")
-        seeds = range(self.cfg.optim.seed, self.cfg.optim.seed + t.teacher_seeds)
-        teacher = TeacherSettings(t.teacher_steps, t.teacher_cfg)
-        self.model.eval()
+        teacher = teacher_identity(self.models.base_id, self.adapter, t.adapter_strength,
+                                   self.cfg.model.dtype)
+        seed = self.cfg.optim.seed
         with self._autocast():
-            found = trajectory_set(self.model, embeds, seeds, self.empty_embed.to(self.device),
-                                   self.cfg.cache_path, model_id, teacher, disable=[TRAINED],
-                                   progress=lambda done, total: self._progress("trajectories", done, total))
-        self.model.train()
-        return found
+            return build_trajectories(
+                self.model, self.teacher_prompts, range(seed, seed + t.teacher_seeds),
+                self.empty_embed.to(self.device), self.cfg.cache_path, teacher,
+                TeacherSettings(t.teacher_steps, t.teacher_cfg), [] if self.continues_sft else [TRAINED],
+                lambda done, total: self._progress("trajectories", done, total))
 
-    def _prepare_health(self) -> TurboHealth | None:
-        """The turbo-health meter on the preview prompts (else the empty prompt) and seeds, adapter off."""
+    def _prepare_health(self) -> TurboHealth | TeacherDistance | None:
+        """The turbo-health meter: in distill mode the 8-step sample's distance to the teacher relative to
+        step 0 (reference taken now, before any resume); else x0 drift on the preview prompts and seeds."""
         p = self.cfg.preview
         if not p.health_every:
             return None
+        if self.trajectories is not None:
+            meter = distill_meter(self.model, self.trajectories, self.device,
+                                  reference_disable=[] if self.continues_sft else [TRAINED])
+            with self._autocast():
+                meter.reference()
+            return meter
         embeds = list(self.preview_embeds) or [self.empty_embed]
         return TurboHealth(self.model, [e.to(self.device) for e in embeds],
                            [p.seed + i for i in range(len(embeds))], p.health_size, p.health_size,
@@ -215,7 +249,9 @@ class Trainer:
         with self.ema.swapped() if self.ema is not None else nullcontext(), self._autocast():
             value = self.health.measure()
         self.turbo_health = value
-        self._emit("health", step=self.step, health=value, threshold=self.health.threshold)
+        self.health_history.append((self.step, value))
+        self._emit("health", step=self.step, health=value, threshold=self.health.threshold,
+                   scale=self.health.scale)
         warning = self.health.warning(value)
         if warning:
             self._emit("log", message=f"step {self.step}: {warning}")
@@ -323,7 +359,7 @@ class Trainer:
                                config_to_dict(self.cfg), s.keep_last)
         final = self.run_dir / f"{s.name}.safetensors"
         atomic_write(final, lambda tmp: shutil.copyfile(ckpt.lora, tmp))
-        if self.trajectories is not None:  # distill: also SFT + distill as one plain LoRA, merged exactly
+        if self.trajectories is not None and not self.continues_sft:  # also SFT + distill, merged exactly
             distill = self.trained_lora()
             merged = merge_sft_and_distill(self.adapter, distill, self.cfg.turbo.adapter_strength,
                                            distill.metadata)
@@ -394,7 +430,11 @@ class Trainer:
             if cfg.preview.every and self.step % cfg.preview.every == 0:
                 self.preview()
         final = self.save()
-        return TrainResult(final, self.step, self.losses, stopped, self.previews)
+        if self.losses:
+            meter = self.health
+            loss_curve_png(self.losses, self.run_dir / "loss.png", health=self.health_history,
+                           threshold=meter.threshold if meter else None, scale=meter.scale if meter else "")
+        return TrainResult(final, self.step, self.losses, stopped, self.previews, self.health_history)
 
 
 def train(cfg: TrainConfig, ctx: JobContext | None = None, resume: bool | str = False, *,

@@ -1,4 +1,4 @@
-"""Small Pillow-only charts for the demo and the CLI: the loss curve."""
+"""Small Pillow-only charts for the demo and the CLI: the loss curve and turbo health."""
 
 from __future__ import annotations
 
@@ -17,13 +17,27 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def _frame(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, lo: float, hi: float,
+           first: int, last: int) -> None:
+    left, top, right, bottom = box
+    draw.rectangle(box, outline=(160, 160, 160))
+    draw.text((left, top - 18), title, fill="black")
+    draw.text((4, top), f"{hi:.4g}", fill="black")
+    draw.text((4, bottom - 10), f"{lo:.4g}", fill="black")
+    draw.text((left, bottom + 6), f"step {first}", fill="black")
+    draw.text((right - 60, bottom + 6), f"step {last}", fill="black")
+
+
 def loss_curve_png(
-    losses: Sequence[float], path: str | Path, size: tuple[int, int] = (640, 320)
+    losses: Sequence[float], path: str | Path, size: tuple[int, int] = (640, 320), *,
+    health: Sequence[tuple[int, float]] = (), threshold: float | None = None, scale: str = "",
 ) -> Image.Image:
-    """Raw (light) and smoothed (dark) loss per step on labelled axes, saved as a PNG."""
+    """Raw (light) and smoothed (dark) loss per step on labelled axes, saved as a PNG; with `health`
+    ((step, value) pairs) a second chart below shows turbo health and its warning `threshold` in red."""
     w, h = size
     left, right, top, bottom = 56, 12, 24, 28
-    image = Image.new("RGB", size, "white")
+    panel = h
+    image = Image.new("RGB", (w, h + (panel if health else 0)), "white")
     draw = ImageDraw.Draw(image)
     lo, hi = min(losses), max(losses)
     span = (hi - lo) or 1.0
@@ -32,13 +46,28 @@ def loss_curve_png(
         x = left + (w - left - right) * (i / max(1, len(losses) - 1))
         return x, top + (h - top - bottom) * (1 - (v - lo) / span)
 
-    draw.rectangle((left, top, w - right, h - bottom), outline=(160, 160, 160))
     for series, colour in ((losses, (170, 190, 230)), (smooth(losses), (20, 60, 160))):
         draw.line([xy(i, v) for i, v in enumerate(series)], fill=colour, width=2)
-    draw.text((left, 6), f"training loss over {len(losses)} steps (smoothed in dark blue)", fill="black")
-    draw.text((4, top), f"{hi:.4g}", fill="black")
-    draw.text((4, h - bottom - 10), f"{lo:.4g}", fill="black")
-    draw.text((left, h - bottom + 8), "step 1", fill="black")
-    draw.text((w - right - 60, h - bottom + 8), f"step {len(losses)}", fill="black")
+    _frame(draw, (left, top, w - right, h - bottom), f"training loss over {len(losses)} steps "
+           "(smoothed in dark blue)", lo, hi, 1, len(losses))
+    if health:
+        values = [v for _, v in health] + ([threshold] if threshold is not None else [])
+        hlo, hhi = min(values + [1.0]), max(values + [1.0])
+        hspan = (hhi - hlo) or 1.0
+        y0, y1 = h + top, h + panel - bottom
+        last = max(len(losses), max(s for s, _ in health), 1)
+
+        def hxy(step: int, v: float) -> tuple[float, float]:
+            return left + (w - left - right) * step / last, y0 + (y1 - y0) * (1 - (v - hlo) / hspan)
+
+        if threshold is not None:
+            draw.line([hxy(0, threshold), hxy(last, threshold)], fill=(200, 40, 40), width=1)
+        points = [hxy(s, v) for s, v in health]
+        if len(points) > 1:
+            draw.line(points, fill=(30, 120, 60), width=2)
+        for x, y in points:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(30, 120, 60))
+        _frame(draw, (left, y0, w - right, y1), f"turbo health ({scale}; red: warning above "
+               f"{threshold:g})" if threshold is not None else f"turbo health ({scale})", hlo, hhi, 0, last)
     image.save(path)
     return image

@@ -26,7 +26,7 @@ class ProgressPrinter:
                 self.stream.write("\n")
         elif event.kind == "health":
             self.stream.write(f"\rturbo health {d['health']:.2f} at step {d['step']} "
-                              f"(1 = as the base, warning above {d['threshold']:g})\n")
+                              f"({d.get('scale') or '1 = as the base'}; warning above {d['threshold']:g})\n")
         elif event.kind in ("log", "checkpoint", "preview"):
             text = d.get("message") or d.get("path")
             self.stream.write(f"\r{event.kind}: {text}\n")

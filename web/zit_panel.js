@@ -16,6 +16,7 @@ import {
   postJSON,
   routeURL,
 } from "./zit_api.js";
+import { HealthChart } from "./zit_health_chart.js";
 
 const TAB_ID = "zit-trainer";
 const FINISHED = new Set(["done", "stopped", "failed"]);
@@ -36,7 +37,8 @@ const store = {
 };
 
 function emptyJob(snap) {
-  return { snap, loss: [], lr: [], previews: [], checkpoints: [], logs: [], loaded: false, shownPreview: null };
+  return { snap, loss: [], lr: [], health: [], previews: [], checkpoints: [], logs: [], loaded: false,
+    shownPreview: null };
 }
 
 function upsertSnapshot(snap) {
@@ -102,6 +104,7 @@ async function loadDetail(id) {
     const job = upsertSnapshot(body.job);
     job.loss = mergeSeries(body.loss || [], job.loss);
     job.lr = mergeSeries(body.lr || [], job.lr);
+    job.health = mergeSeries(body.health || [], job.health);
     const names = new Set((body.previews || []).map((p) => p.name));
     job.previews = [...(body.previews || []), ...job.previews.filter((p) => !names.has(p.name))];
     job.checkpoints = body.checkpoints || [];
@@ -176,6 +179,7 @@ function onHealth(data) {
   const job = store.jobs.get(data.job);
   if (!job) return scheduleRefresh();
   job.snap.last = { ...(job.snap.last || {}), health: data };
+  pushPoint(job.health, Number(data.step), data.health);
   update();
 }
 
@@ -552,8 +556,11 @@ function jobStats(snap) {
 
 function healthText(h) {
   if (!Number.isFinite(Number(h?.health)) || h?.health === null) return "–";
-  const warn = h.health > h.threshold ? " ⚠ degrading: stop, or use the DistillPatch / distill mode" : "";
-  return `${formatNumber(h.health, 3)} at step ${h.step} (1 = base)${warn}`;
+  const distill = h.scale?.includes("teacher");
+  const advice = distill ? "distillation is not helping: stop, or lower the learning rate"
+    : "degrading: stop, or use the DistillPatch / distill mode";
+  const warn = h.health > h.threshold ? ` ⚠ ${advice}` : "";
+  return `${formatNumber(h.health, 3)} at step ${h.step} (${h.scale || "1 = base"})${warn}`;
 }
 
 function planText(plan) {
@@ -632,17 +639,17 @@ function buildPreviews(job) {
     }))));
 }
 
-function buildDetail(chart) {
+function buildDetail(chart, healthChart) {
   const d = {
     name: el("b"), badge: el("span.zit-badge"), lora: el("div.zit-muted"), error: el("div.zit-error"),
     stats: el("div.zit-stats"), actions: el("div"), log: el("div.zit-log.zit-mono"), previews: el("div"),
   };
   d.root = el("div.zit-detail", {}, el("div.zit-detail-head", d.name, d.badge), d.lora, d.error, d.stats,
-    d.actions, chart.element, d.log, el("div.zit-section", {}, "Previews"), d.previews);
+    d.actions, chart.element, healthChart.element, d.log, el("div.zit-section", {}, "Previews"), d.previews);
   return d;
 }
 
-function updateDetail(d, job, chart) {
+function updateDetail(d, job, chart, healthChart) {
   const snap = job.snap;
   d.root.dataset.jobId = snap.id;
   setText(d.name, snap.name || snap.id);
@@ -660,6 +667,7 @@ function updateDetail(d, job, chart) {
   keyed(d.previews, `${snap.id}|${previews.map((p) => p.name).join(",")}|${job.shownPreview}`,
     () => buildPreviews(job));
   chart.setJob(job);
+  healthChart.setJob(job);
 }
 
 function renderView(v) {
@@ -688,25 +696,29 @@ function renderView(v) {
   });
   const job = store.jobs.get(store.selected);
   v.detail.root.style.display = job ? "" : "none";
-  if (job) updateDetail(v.detail, job, v.chart);
+  if (job) updateDetail(v.detail, job, v.chart, v.healthChart);
 }
 
 function mountPanel(container) {
   const chart = new LossChart();
+  const healthChart = new HealthChart();
   const refresh = el("button.zit-button", { title: "Reload the jobs from the server", onclick: () => refreshJobs() },
     "Refresh");
   const message = el("div.zit-muted");
   const list = el("div.zit-jobs");
-  const detail = buildDetail(chart);
+  const detail = buildDetail(chart, healthChart);
   container.replaceChildren(el("div.zit-panel",
     el("div.zit-panel-head", el("b", {}, "ZIT Trainer"), refresh), message, list, detail.root));
-  view = { message, list, rows: new Map(), detail, chart };
+  view = { message, list, rows: new Map(), detail, chart, healthChart };
   renderView(view);
   refreshJobs();
 }
 
 function unmountPanel() {
-  if (view) view.chart.dispose();
+  if (view) {
+    view.chart.dispose();
+    view.healthChart.dispose();
+  }
   view = null;
 }
 
@@ -753,6 +765,7 @@ const CSS = `
 .zit-legend i.zit-dash { height: 0; border-top: 2px dashed; background: none; }
 .zit-smoothing { margin-left: auto; display: flex; align-items: center; gap: 4px; }
 .zit-smoothing input { width: 80px; }
+.zit-health-chart { width: 100%; height: 90px; display: block; color: var(--fg-color, #ccc); }
 .zit-loss-chart { width: 100%; height: 180px; display: block; color: var(--fg-color, #ccc);
   background: var(--comfy-input-bg, rgba(128,128,128,0.06)); border-radius: 4px; cursor: crosshair; }
 .zit-chart-readout { font-size: 11px; opacity: 0.8; font-family: ui-monospace, monospace; }

@@ -242,7 +242,9 @@ CHART_PIXELS = f"""(() => {{
 RUN = "zit_browser_panel"
 DATASET = "zit_browser_dataset"  # under the server's input/ folder
 SIDE = 64
-ADVANCED = "[preview]\nwidth = 64\nheight = 64\nturbo_steps = 2\n\n[save]\nkeep_last = 0\n"
+ADVANCED = ("[preview]\nwidth = 64\nheight = 64\nturbo_steps = 2\nhealth_every = 3\nhealth_size = 32\n\n"
+            "[save]\nkeep_last = 0\n")
+HEALTH = "document.querySelector('.zit-health-chart')"
 STEPS = 200  # the test stops the job from the panel long before
 
 
@@ -341,9 +343,14 @@ def test_panel_shows_a_live_training_job(comfy: ComfyClient, base_dir: Path, pag
                       ".some(i => i.complete && i.naturalWidth > 0)", 300, "a preview image in the panel")
         stats = page.evaluate("Object.fromEntries([...document.querySelectorAll('.zit-stat')].map(s => "
                               "[s.children[0].textContent, s.children[1].textContent]))")
-        assert set(stats) == {"step", "loss", "lr", "it/s", "ETA", "mem"}, stats
+        assert set(stats) == {"step", "loss", "lr", "it/s", "ETA", "mem", "plan", "turbo health"}, stats
         assert stats["lr"] != "–" and stats["loss"] != "–" and stats["it/s"] != "–", stats
         page.wait_for(f"{chart_points(job_id)} >= 8", 120, "eight loss points")
+        # turbo health: the second chart, one point per measurement (every 3 steps), the scale in its title
+        page.wait_for(f"Number({HEALTH}.dataset.points) >= 2", 120, "two turbo-health points")
+        title = page.evaluate(f"{HEALTH}.parentElement.innerText")
+        assert "1 = as turbo as the base" in title and "warning above 2" in title, title
+        assert "at step" in page.evaluate("document.querySelector('.zit-stats').innerText")
         time.sleep(0.5)  # the next frame has drawn
         png = page.screenshot(SCREENSHOT)
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -357,6 +364,7 @@ def test_panel_shows_a_live_training_job(comfy: ComfyClient, base_dir: Path, pag
         page.wait_for(f"!!{row_of(job_id)}", 30, "the row after the reload")
         page.click_element(f'.zit-job[data-job-id="{job_id}"]')
         page.wait_for(f"{chart_points(job_id)} >= {drawn}", 30, "the loss series after the reload")
+        page.wait_for(f"Number({HEALTH}.dataset.points) >= 2", 30, "the health series after the reload")
 
         # stop from the panel: the job saves and ends as stopped, and can be resumed
         page.click_element(".zit-stop")
