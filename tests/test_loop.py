@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer import loop, run_models, tiny
+from trainer import loop, run_models, sampling, tiny
 from trainer.checkpoint import find_latest_checkpoint
 from trainer.cli import main as cli_main
 from trainer.config import ConfigError, TrainConfig, config_from_dict, config_to_toml
@@ -159,7 +159,7 @@ def test_adapter_mode_saves_only_the_trained_lora_and_previews_without_the_adapt
         latents.append(z.clone())
         return z
 
-    monkeypatch.setattr(loop, "sample_latents", spy)
+    monkeypatch.setattr(sampling, "sample_latents", spy)
     adapter = make_adapter(tmp_path / "adapter.safetensors")
     prompts = ["zqx, a red circle", "a blue square"]
     cfg = make_config(tmp_path, images, cache, lora={"rank": 8, "alpha": 8.0},

@@ -289,6 +289,10 @@ def test_exact_rank_r_is_recovered_and_errors_match_dense_svd(tmp_path):
         rel = float((lora.modules[key].delta().double() - dw).norm() / dw.norm())
         assert rel < 2e-6, (key, rel)
     assert max(errors.values()) < 2e-6
+    for m in df.modules.values():  # structured singular values = the dense float64 ones (rank 2: rest ~0)
+        got, want = m.svdvals()[:4], torch.linalg.svdvals(m.delta().double())[:4]
+        got = torch.cat([got, got.new_zeros(4 - len(got))])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want[0]))
     # At rank 1 the reported error is the dense float64 SVD's tail, for every kind (kron, factors, dense).
     lora1, errors1 = delta_to_lora(df, rank=1)
     for key, m in df.modules.items():

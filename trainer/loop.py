@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .checkpoint import TrainingObjects, find_latest_checkpoint, load_training_state, save_checkpoint
 from .config import TrainConfig, config_diff, config_from_dict, config_to_dict
-from .data import Dataset, build_cache, cached_text_embeddings, load_dataset
+from .data import Dataset, build_cache, cached_text_embeddings
 from .distill import TeacherSettings, distill_terms, merge_sft_and_distill
 from .distill_cache import TrajectorySet
 from .distill_run import (
@@ -60,9 +60,10 @@ from .run_models import (
     config_for_plan,
     open_models,
     pick_device,
-    plan_memory,
+    plan_run_memory,
+    scan_dataset,
 )
-from .sampling import SamplerSettings, grid, sample_latents, to_pil
+from .sampling import preview_grid, preview_rows
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +94,19 @@ class Trainer:
         planner (benchmarks)."""
         self.ctx = ctx
         self.device = pick_device()
-        self.plan = plan or self._plan_memory(cfg, dataset)  # refused here, before any folder or weight
+        # refused here, before any folder or weight
+        self.plan = plan or plan_run_memory(cfg, self.device, dataset, self._emit)
         self.cfg = cfg = config_for_plan(cfg, self.plan)
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.losses: list[float] = []
         self.previews: list[Path] = []
         self.step = 0
         # Bad data and a bad adapter file are refused before a 12 GB model is loaded.
-        self.dataset = dataset if dataset is not None else self._scan_dataset()
+        self.dataset = dataset if dataset is not None else scan_dataset(cfg.data, self._log)
         self.adapter = self._read_adapter()
         distill = cfg.turbo.mode == "distill"
         self.prompt_list = read_prompt_list(cfg.turbo.teacher_prompts) if cfg.turbo.teacher_prompts else []
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._emit("log", message=f"loading the model on {self.device}")
         self.models = (models or open_models)(cfg, self.device, self.plan)
         self.model = self.models.transformer
@@ -120,26 +122,14 @@ class Trainer:
 
     # ---- set-up -----------------------------------------------------------------------------------
 
+    def _log(self, message: str) -> None:
+        self._emit("log", message=message)
+
     def _emit(self, kind: str, **data: Any) -> None:
         if self.ctx is not None:
             self.ctx.emit(kind, **data)
         elif kind == "log":
             log.info(data.get("message", ""))
-
-    def _plan_memory(self, cfg: TrainConfig, dataset: Dataset | None) -> MemoryPlan:
-        planned = plan_memory(cfg, self.device)
-        plan = planned.plan
-        if dataset is not None and plan.resolution < max(cfg.data.resolutions):
-            raise TrainingError(f"the memory plan {plan.name} trains at {plan.resolution} px, but the "
-                                f"dataset was encoded at {max(cfg.data.resolutions)} px: encode it at "
-                                f"{plan.resolution} or choose model.memory")
-        self._emit("plan", **planned.event())
-        self._emit("log", message=f"memory plan: {plan.name}, predicted peak "
-                   f"{planned.chosen.total / 2**30:.1f} GiB" + (f" of {planned.budget / 2**30:.1f} GiB"
-                                                                if planned.budget else ""))
-        if self.ctx is None:
-            log.info("%s", planned.table())
-        return plan
 
     def _progress(self, stage: str, done: int, total: int) -> None:
         self._emit("cache", stage=stage, done=done, total=total)
@@ -148,17 +138,6 @@ class Trainer:
         """The training adapter / SFT LoRA, checked against the transformer's header before loading."""
         t = self.cfg.turbo
         return read_lora(t.adapter, spec=transformer_spec(self.cfg)) if t.mode != "sft" else None
-
-    def _scan_dataset(self) -> Dataset | None:
-        d = self.cfg.data
-        if not d.dataset:  # distill from a prompt list alone
-            return None
-        dataset = load_dataset(d.dataset, d.resolutions, recursive=d.recursive, caption=d.caption or None,
-                               trigger=d.trigger or None, missing_caption=d.missing_caption,
-                               bad_image=d.bad_image, min_side=d.min_side, caption_ext=d.caption_ext)
-        for issue in dataset.issues:
-            self._emit("log", message=f"dataset: skipped {issue.path.name}: {issue.problem}")
-        return dataset
 
     def _prepare_data(self) -> None:
         d, cache, m = self.cfg.data, self.cfg.cache_path, self.models
@@ -374,28 +353,20 @@ class Trainer:
         p = self.cfg.preview
         if not p.prompts:
             return None
-        rows_settings = [SamplerSettings(f"turbo {p.turbo_steps} steps cfg 1", p.turbo_steps, 1.0)]
-        if p.deturbo:
-            rows_settings.append(SamplerSettings(f"de-turbo {p.deturbo_steps} steps cfg {p.deturbo_cfg:g}",
-                                                 p.deturbo_steps, p.deturbo_cfg))
-        vae = self.models.vae_factory()
-        seeds = [p.seed + i for i in range(len(p.prompts))]
+        rows, vae = preview_rows(p), self.models.vae_factory()
         self.model.eval()
         with (self.ema.swapped() if self.ema is not None else nullcontext(),
               adapter_disabled(self.model, ADAPTER) if self.drops_adapter else nullcontext(),
               self._autocast()):
-            rows = []
-            for settings in rows_settings:
-                z = sample_latents(self.model, self.preview_embeds, self.empty_embed, seeds,
-                                   p.width, p.height, settings)
-                rows.append(to_pil(vae.decode(z.to(next(vae.model.parameters()).dtype))))
+            image = preview_grid(self.model, vae, self.preview_embeds, self.empty_embed,
+                                 [p.seed + i for i in range(len(p.prompts))], p.width, p.height, rows)
         self.model.train()
         del vae
         path = self.run_dir / "previews" / f"{tag or f'step{self.step:06d}'}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid(rows).save(path)
+        image.save(path)
         self.previews.append(path)
-        self._emit("preview", step=self.step, path=str(path), rows=[s.label for s in rows_settings],
+        self._emit("preview", step=self.step, path=str(path), rows=[r.label for r in rows],
                    prompts=list(p.prompts))
         return path
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .data import LazyEncoder
+from .data import Dataset, LazyEncoder, load_dataset
 from .errors import ZitError
 from .lora.spec import ZitSpec
 from .memory import (
@@ -35,6 +36,8 @@ from .model import load_text_encoder, load_transformer, load_vae
 from .model.quantize import quantize_transformer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(ZitError):
@@ -208,3 +211,34 @@ def config_for_plan(cfg: TrainConfig, plan: MemoryPlan) -> TrainConfig:
     return dataclasses.replace(cfg, data=data)
 
 
+
+
+def scan_dataset(d: Any, log: Callable[[str], None]) -> Dataset | None:
+    """Scan cfg.data's image folder with its settings, logging each skipped file; None without a folder
+    (distill from a prompt list alone)."""
+    if not d.dataset:
+        return None
+    dataset = load_dataset(d.dataset, d.resolutions, recursive=d.recursive, caption=d.caption or None,
+                           trigger=d.trigger or None, missing_caption=d.missing_caption,
+                           bad_image=d.bad_image, min_side=d.min_side, caption_ext=d.caption_ext)
+    for issue in dataset.issues:
+        log(f"dataset: skipped {issue.path.name}: {issue.problem}")
+    return dataset
+
+
+def plan_run_memory(cfg: TrainConfig, device: torch.device, dataset: Dataset | None,
+                    emit: Callable[..., None]) -> MemoryPlan:
+    """`plan_memory` for a run: refuses a plan below the resolution an already encoded dataset has, sends
+    the "plan" event and a log line (the CLI's log also gets the table)."""
+    planned = plan_memory(cfg, device)
+    plan = planned.plan
+    if dataset is not None and plan.resolution < max(cfg.data.resolutions):
+        top = max(cfg.data.resolutions)
+        raise TrainingError(f"the memory plan {plan.name} trains at {plan.resolution} px, but the dataset "
+                            f"was encoded at {top} px: encode it at {plan.resolution} or choose model.memory")
+    emit("plan", **planned.event())
+    budget = f" of {planned.budget / 2**30:.1f} GiB" if planned.budget else ""
+    peak = planned.chosen.total / 2**30
+    emit("log", message=f"memory plan: {plan.name}, predicted peak {peak:.1f} GiB{budget}")
+    log.info("%s", planned.table())
+    return plan

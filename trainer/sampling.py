@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -74,3 +75,22 @@ def grid(rows: Sequence[Sequence[Image.Image]], pad: int = 2) -> Image.Image:
         for j, image in enumerate(row):
             out.paste(image, (pad + j * (w + pad), pad + i * (h + pad)))
     return out
+
+
+def preview_rows(p: Any) -> list[SamplerSettings]:
+    """The sampler rows of a preview config: turbo, plus de-turbo when `p.deturbo` is on."""
+    rows = [SamplerSettings(f"turbo {p.turbo_steps} steps cfg 1", p.turbo_steps, 1.0)]
+    if p.deturbo:
+        label = f"de-turbo {p.deturbo_steps} steps cfg {p.deturbo_cfg:g}"
+        rows.append(SamplerSettings(label, p.deturbo_steps, p.deturbo_cfg))
+    return rows
+
+
+@torch.no_grad()
+def preview_grid(model: torch.nn.Module, vae: Any, embeds: Sequence[torch.Tensor], empty: torch.Tensor,
+                 seeds: Sequence[int], width: int, height: int,
+                 rows: Sequence[SamplerSettings]) -> Image.Image:
+    """One row of decoded samples per sampler setting, one column per prompt and seed."""
+    dtype = next(vae.model.parameters()).dtype
+    return grid([to_pil(vae.decode(sample_latents(model, embeds, empty, seeds, width, height, r).to(dtype)))
+                 for r in rows])

@@ -157,6 +157,10 @@ class DeltaModule:
             return frobenius_norm(*fa)
         return float(torch.linalg.vector_norm(self.delta(), dtype=torch.float64))
 
+    def svdvals(self) -> torch.Tensor:
+        """Singular values of dW (float64, descending), from the structure where it allows."""
+        return _spectrum(self)[0].sqrt()
+
 
 def _slice(x: torch.Tensor, rows: Rows) -> torch.Tensor:
     return x if rows is None else x[rows[0]:rows[1]]
