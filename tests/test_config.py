@@ -289,7 +289,7 @@ _LINKED = {
     "model.transformer", "model.text_encoder", "model.vae", "data.dataset", "data.missing_caption",
     "lora.targets", "lora.target_regex", "turbo.mode", "turbo.adapter", "turbo.adapter_strength",
     "turbo.teacher_steps", "turbo.teacher_cfg", "turbo.teacher_seeds", "turbo.teacher_prompts",
-    "turbo.distill_into", "turbo.rollout",
+    "model.family", "preview.turbo_model", "turbo.distill_into", "turbo.rollout",
     "turbo.rollout_weight",
     "turbo.guidance_scale", "optim.optimizer", "optim.scheduler", "optim.warmup_steps", "optim.restarts",
     "preview.every", "preview.prompts", "model.memory", "model.memory_preference", "model.swap_blocks",

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer import loop, run_models, sampling, tiny
+from trainer import loop, run_models, sampling, step_loss, tiny
 from trainer.checkpoint import find_latest_checkpoint
 from trainer.cli import main as cli_main
 from trainer.config import ConfigError, TrainConfig, config_from_dict, config_to_toml
@@ -309,13 +309,13 @@ def test_stop_through_the_job_runner_saves_a_resumable_checkpoint(tmp_path, imag
 
 def test_nan_loss_fails_the_job_and_keeps_the_last_checkpoint(tmp_path, images, cache, monkeypatch):
     calls = itertools.count(1)
-    real_loss = loop.flow_loss
+    real_loss = step_loss.flow_loss
 
     def nan_at_step_5(*args, **kwargs):
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if next(calls) == 5 else loss
 
-    monkeypatch.setattr(loop, "flow_loss", nan_at_step_5)
+    monkeypatch.setattr(step_loss, "flow_loss", nan_at_step_5)
     cfg = make_config(tmp_path, images, cache, optim={"steps": 8}, save={"every": 2})
     job = JobRunner().start("train", lambda ctx: train(cfg, ctx))
     assert job.wait(120)

@@ -29,6 +29,12 @@ class ModelConfig:
     transformer: str = _opt("", "ComfyUI single .safetensors file, diffusers folder, or 'tiny' (required)")
     text_encoder: str = _opt("", "Qwen3-4B path; '' = the text_encoder folder beside a diffusers transformer")
     vae: str = _opt("", "Flux VAE path; '' = the vae folder beside a diffusers transformer")
+    family: str = _opt(
+        "auto",
+        "which Z-Image the transformer is: auto = what its files say (else Turbo, logged as assumed); "
+        "turbo; base (the non-distilled Z-Image); deturbo (Z-Image-De-Turbo); refused if the files disagree",
+        choices=("auto", "turbo", "base", "deturbo"),
+    )
     dtype: str = _opt(
         "bf16",
         "compute dtype of the frozen base (LoRA weights are always fp32)",
@@ -131,10 +137,11 @@ class TurboConfig:
 
     mode: str = _opt(
         "sft",
-        "sft: plain LoRA; adapter: train over a de-distilling adapter dropped at inference; "
+        "sft: plain LoRA; base: plain LoRA on Z-Image base or De-Turbo (model.family), to use on Turbo; "
+        "adapter: train over a de-distilling adapter dropped at inference; "
         "adapter_dg: adapter plus differential guidance; distill: teach base + the SFT LoRA in turbo.adapter "
         "to sample in 8 steps at cfg 1 by imitating its own de-turbo trajectories",
-        choices=("sft", *_ADAPTER_MODES, "distill"),
+        choices=("sft", "base", *_ADAPTER_MODES, "distill"),
     )
     adapter: str = _opt("", "training adapter LoRA file (adapter modes), or the SFT LoRA (distill)")
     adapter_strength: float = _opt(1.0, "strength the adapter (or SFT LoRA) is applied at", gt=0, le=4)
@@ -155,6 +162,11 @@ class TurboConfig:
     )
     rollout: int = _opt(0, "distill: student steps of the multi-step x0 term (0 = off, or 2..8)", ge=0, le=8)
     rollout_weight: float = _opt(0.0, "distill: weight of the multi-step x0 term", ge=0, le=100)
+
+    @property
+    def uses_adapter(self) -> bool:
+        """Whether turbo.adapter is read: the training adapter (adapter modes) or the SFT LoRA (distill)."""
+        return self.mode in (*_ADAPTER_MODES, "distill")
 
     @property
     def dg_scale(self) -> float:
@@ -252,6 +264,10 @@ class PreviewConfig:
         ge=0,
     )
     health_size: int = _opt(256, "image side of the turbo-health samples", ge=16, le=2048, multiple_of=16)
+    turbo_model: str = _opt(
+        "", "turbo.mode = base: a Z-Image-Turbo transformer (single file or diffusers folder) to also "
+        "preview the LoRA on at 8 steps, cfg 1 (skipped with a message when it does not fit in memory)",
+    )
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ def _rule_modal(cfg: TrainConfig) -> list[str | None]:
           for key in ("teacher_steps", "teacher_cfg", "teacher_seeds", "teacher_prompts", "distill_into",
                       "rollout", "rollout_weight")),
         _modal(cfg, "turbo.guidance_scale", cfg.turbo.mode == "adapter_dg", 'turbo.mode = "adapter_dg"'),
+        _modal(cfg, "preview.turbo_model", cfg.turbo.mode == "base", 'turbo.mode = "base"'),
         _modal(cfg, "lora.target_regex", cfg.lora.targets == "custom", 'lora.targets = "custom"'),
         _modal(cfg, "model.swap_blocks", swap, 'model.memory is "auto", "bf16_swap" or "fp8_swap"'),
         _modal(cfg, "model.swap_prefetch", swap, 'model.memory is "auto", "bf16_swap" or "fp8_swap"'),
@@ -106,6 +107,13 @@ def _rule_misc(cfg: TrainConfig) -> list[str | None]:
         errors.append("turbo.rollout = 1: one student step is the velocity term itself; use 0 or 2..8")
     if cfg.turbo.rollout and not cfg.turbo.rollout_weight:
         errors.append(f"turbo.rollout = {cfg.turbo.rollout}: set turbo.rollout_weight > 0 to use it")
+    family, mode = cfg.model.family, cfg.turbo.mode
+    if mode == "base" and family == "turbo":
+        errors.append('turbo.mode = "base" trains on Z-Image base or De-Turbo, but model.family = "turbo": '
+                      'set model.family = "base" or "deturbo", or use turbo.mode = "sft"')
+    elif family in ("base", "deturbo") and mode != "base":
+        errors.append(f'model.family = "{family}" with turbo.mode = "{mode}": the {family} model is not '
+                      'distilled; train it with turbo.mode = "base"')
     if cfg.turbo.mode == "adapter_dg" and cfg.turbo.guidance_scale == 0:
         errors.append('turbo.guidance_scale = 0.0: no guidance; use turbo.mode = "adapter"')
     if cfg.model.memory.endswith("_swap") and not cfg.model.gradient_checkpointing:

@@ -40,19 +40,12 @@ from .model import (
     inject_lora,
     load_lora_into_peft,
     lora_from_peft,
-    predict_velocity,
 )
+from .model.family import resolve_family
 from .model.swap import BlockSwap
-from .objective import (
-    add_noise,
-    differential_guidance_target,
-    flow_loss,
-    loss_weights,
-    sample_sigmas,
-    velocity_target,
-)
 from .optim import Ema, build_optimizer, build_scheduler
 from .plots import loss_curve_png
+from .previews import check_turbo_model, preview_model_rows
 from .run_models import (
     DTYPES,
     OpenModels,
@@ -63,7 +56,8 @@ from .run_models import (
     plan_run_memory,
     scan_dataset,
 )
-from .sampling import preview_grid, preview_rows
+from .sampling import preview_grid
+from .step_loss import flow_matching_loss
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +92,10 @@ class Trainer:
         self.plan = plan or plan_run_memory(cfg, self.device, dataset, self._emit)
         self.cfg = cfg = config_for_plan(cfg, self.plan)
         self.run_dir = Path(cfg.run_dir)
+        self.family = resolve_family(cfg.model.family, cfg.model.transformer)
+        self._log(f"model: {self.family.how}")
+        if cfg.turbo.mode == "base" and cfg.preview.turbo_model:
+            check_turbo_model(cfg.preview.turbo_model, transformer_spec(cfg))
         self.losses: list[float] = []
         self.previews: list[Path] = []
         self.step = 0
@@ -137,7 +135,7 @@ class Trainer:
     def _read_adapter(self):
         """The training adapter / SFT LoRA, checked against the transformer's header before loading."""
         t = self.cfg.turbo
-        return read_lora(t.adapter, spec=transformer_spec(self.cfg)) if t.mode != "sft" else None
+        return read_lora(t.adapter, spec=transformer_spec(self.cfg)) if t.uses_adapter else None
 
     def _prepare_data(self) -> None:
         d, cache, m = self.cfg.data, self.cfg.cache_path, self.models
@@ -209,7 +207,7 @@ class Trainer:
         """The turbo-health meter: in distill mode the 8-step sample's distance to the teacher relative to
         step 0 (reference taken now, before any resume); else x0 drift on the preview prompts and seeds."""
         p = self.cfg.preview
-        if not p.health_every:
+        if not p.health_every or not self.family.distilled:
             return None
         if self.trajectories is not None:
             meter = distill_meter(self.model, self.trajectories, self.device,
@@ -273,21 +271,10 @@ class Trainer:
             with self._autocast():
                 return distill_terms(self.model, latents, embeds, self.generator, t.rollout,
                                      t.rollout_weight).total
-        o, batch = self.cfg.objective, self.data.load_batch(self.sampler.next_batch())
-        x0 = batch.latents.to(self.device, torch.float32)
-        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
-        sigmas = sample_sigmas(o.timesteps, x0.shape[0], self.generator, shift=o.shift, mean=o.logit_mean,
-                               std=o.logit_std, jitter=o.turbo_jitter).to(self.device)
-        noisy, target = add_noise(x0, noise, sigmas), velocity_target(x0, noise)
-        embeds = [e.to(self.device) for e in batch.text_embeds]
-        with self._autocast():
-            if self.cfg.turbo.dg_scale:
-                with torch.no_grad(), adapters_disabled(self.model, [TRAINED]):
-                    base = predict_velocity(self.model, noisy, sigmas, embeds)
-                target = differential_guidance_target(target, base, self.cfg.turbo.dg_scale)
-            pred = predict_velocity(self.model, noisy, sigmas, embeds)
-        weights = loss_weights(o.weighting, sigmas.cpu()).to(self.device)
-        return flow_loss(pred, target, weights, kind=o.loss, huber_delta=o.huber_delta)
+        batch = self.data.load_batch(self.sampler.next_batch())
+        return flow_matching_loss(self.model, batch.latents, batch.text_embeds, self.cfg.objective,
+                                  self.generator, self.device, self.cfg.turbo.dg_scale, self._autocast,
+                                  lambda: adapters_disabled(self.model, [TRAINED]))
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss."""
@@ -321,6 +308,7 @@ class Trainer:
             "zit.step": str(self.step),
             "zit.base_model": self.models.base_id,
             "zit.mode": self.cfg.turbo.mode,
+            "zit.family": self.family.name,
             **({"zit.turbo_health": f"{self.turbo_health:.4f}"} if self.turbo_health is not None else {}),
             "zit.config": json.dumps(config_to_dict(self.cfg)),
         })
@@ -353,20 +341,23 @@ class Trainer:
         p = self.cfg.preview
         if not p.prompts:
             return None
-        rows, vae = preview_rows(p), self.models.vae_factory()
+        rows = preview_model_rows(self.model, p, self.family.distilled, self.trained_lora, self.device,
+                                  DTYPES[self.cfg.model.dtype], self.plan.storage, self._log)
+        vae = self.models.vae_factory()
         self.model.eval()
         with (self.ema.swapped() if self.ema is not None else nullcontext(),
               adapter_disabled(self.model, ADAPTER) if self.drops_adapter else nullcontext(),
               self._autocast()):
-            image = preview_grid(self.model, vae, self.preview_embeds, self.empty_embed,
-                                 [p.seed + i for i in range(len(p.prompts))], p.width, p.height, rows)
+            image = preview_grid(rows, vae, self.preview_embeds, self.empty_embed,
+                                 [p.seed + i for i in range(len(p.prompts))], p.width, p.height)
         self.model.train()
-        del vae
+        labels = [r.label for _, r in rows]
+        del vae, rows
         path = self.run_dir / "previews" / f"{tag or f'step{self.step:06d}'}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         self.previews.append(path)
-        self._emit("preview", step=self.step, path=str(path), rows=[r.label for r in rows],
+        self._emit("preview", step=self.step, path=str(path), rows=labels,
                    prompts=list(p.prompts))
         return path
 

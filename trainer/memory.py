@@ -211,7 +211,7 @@ def estimate(cfg: TrainConfig, spec: ZitSpec, plan: MemoryPlan, *, text_tokens: 
     matrices = lora_matrices(shapes, list(setup.lora), cfg.lora.rank)
     params = sum(r * c for r, c in matrices)
     terms = [base, Term("LoRA params", 4 * params, f"fp32, {params / 1e6:.1f} M, {len(setup.lora)} modules")]
-    if cfg.turbo.mode != "sft":
+    if cfg.turbo.uses_adapter:
         terms.append(adapter_term(cfg.turbo.adapter, DTYPE_BYTES[m.dtype]))
     terms.append(Term("grads", 4 * params, "fp32"))
     state, how = optimizer_state_bytes(o.optimizer, matrices)

@@ -77,20 +77,21 @@ def grid(rows: Sequence[Sequence[Image.Image]], pad: int = 2) -> Image.Image:
     return out
 
 
-def preview_rows(p: Any) -> list[SamplerSettings]:
-    """The sampler rows of a preview config: turbo, plus de-turbo when `p.deturbo` is on."""
-    rows = [SamplerSettings(f"turbo {p.turbo_steps} steps cfg 1", p.turbo_steps, 1.0)]
-    if p.deturbo:
+def preview_rows(p: Any, distilled: bool = True) -> list[SamplerSettings]:
+    """The sampler rows of a preview config: turbo (a distilled model only), plus de-turbo when `p.deturbo`
+    is on or the model is not distilled."""
+    rows = [SamplerSettings(f"turbo {p.turbo_steps} steps cfg 1", p.turbo_steps, 1.0)] if distilled else []
+    if p.deturbo or not distilled:
         label = f"de-turbo {p.deturbo_steps} steps cfg {p.deturbo_cfg:g}"
         rows.append(SamplerSettings(label, p.deturbo_steps, p.deturbo_cfg))
     return rows
 
 
 @torch.no_grad()
-def preview_grid(model: torch.nn.Module, vae: Any, embeds: Sequence[torch.Tensor], empty: torch.Tensor,
-                 seeds: Sequence[int], width: int, height: int,
-                 rows: Sequence[SamplerSettings]) -> Image.Image:
-    """One row of decoded samples per sampler setting, one column per prompt and seed."""
+def preview_grid(rows: Sequence[tuple[torch.nn.Module, SamplerSettings]], vae: Any,
+                 embeds: Sequence[torch.Tensor], empty: torch.Tensor, seeds: Sequence[int], width: int,
+                 height: int) -> Image.Image:
+    """One row of decoded samples per (model, sampler setting), one column per prompt and seed."""
     dtype = next(vae.model.parameters()).dtype
     return grid([to_pil(vae.decode(sample_latents(model, embeds, empty, seeds, width, height, r).to(dtype)))
-                 for r in rows])
+                 for model, r in rows])
