@@ -26,7 +26,13 @@ from .training_job import fresh_name, lora_name, make_run, runs_root, wait_with_
 ZitJobType = io.Custom("ZIT_JOB")
 NONE = "none"
 # Kept in step with trainer.config's choices (a host test checks), so importing the pack stays light.
-TURBO = ("adapter", "adapter_dg", "sft", "distill")
+TURBO = ("adapter", "adapter_dg", "sft", "distill", "base")
+USES_ADAPTER = ("adapter", "adapter_dg", "distill")
+FAMILY = ("auto", "turbo", "base", "deturbo")
+FAMILY_TIP = (
+    "Which Z-Image the model input is. auto: what its file says (metadata, a diffusers folder's scheduler), "
+    "else Turbo (the log says it was assumed). base: the non-distilled Z-Image; deturbo: Z-Image-De-Turbo; "
+    "both train with turbo 'base'. A choice the file contradicts is refused.")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor")
 MEMORY = ("auto", "bf16", "fp8", "bf16_swap", "fp8_swap", "nf4", "int8")
 MEMORY_TIP = (
@@ -43,7 +49,8 @@ TURBO_TIP = (
     "ZIT; sample it de-turbo (about 30 steps, cfg 2) or 8 steps with the DistillPatch attached. distill: "
     "pick an SFT LoRA in adapter; the job samples base + that LoRA de-turbo once per caption and seed and "
     "trains a distill LoRA that makes it sample in 8 steps at cfg 1 (saved alone and merged with the SFT "
-    "LoRA as <name>_merged).")
+    "LoRA as <name>_merged). base: plain LoRA on Z-Image base or De-Turbo (set family), previewed de-turbo; "
+    "to also preview it on Turbo at 8 steps, set [preview] turbo_model = \"<path>\" in advanced.")
 ADVANCED_EXAMPLE = "# e.g.\n# [optim]\n# scheduler = \"cosine\"\n# warmup_steps = 100\n"
 SET_BY_DATASET = "the ZIT Dataset node"
 OWNED = {  # config keys the node sets from its inputs; advanced may not set them
@@ -52,6 +59,7 @@ OWNED = {  # config keys the node sets from its inputs; advanced may not set the
     "model.vae": "the dataset's VAE",
     "model.gradient_checkpointing": "the gradient_checkpointing input",
     "model.memory": "the memory input",
+    "model.family": "the family input",
     **{f"data.{key}": SET_BY_DATASET for key in ("dataset", "caption", "trigger", "caption_ext",
                                                  "missing_caption", "bad_image", "min_side", "resolutions",
                                                  "recursive", "cache_dir")},
@@ -122,6 +130,7 @@ class Settings:
     batch_size: int
     gradient_checkpointing: bool
     memory: str
+    family: str
     save_every: int
     preview_prompts: tuple[str, ...]
     preview_every: int
@@ -137,10 +146,11 @@ def build_config(s: Settings, transformer: str, data: ZitDataset) -> Any:
     base: dict[str, dict[str, Any]] = {
         "model": {"transformer": transformer, "text_encoder": data.te_file or f"<ComfyUI CLIP {data.te_id}>",
                   "vae": data.vae_file or f"<ComfyUI VAE {data.vae_id}>",
-                  "gradient_checkpointing": s.gradient_checkpointing, "memory": s.memory},
+                  "gradient_checkpointing": s.gradient_checkpointing, "memory": s.memory,
+                  "family": s.family},
         "data": {**data.data, "batch_size": s.batch_size},
         "lora": {"rank": s.rank, "alpha": float(s.rank)},
-        "turbo": {"mode": s.turbo, **({"adapter": s.adapter or ""} if s.turbo != "sft" else {})},
+        "turbo": {"mode": s.turbo, **({"adapter": s.adapter or ""} if s.turbo in USES_ADAPTER else {})},
         "optim": {"optimizer": s.optimizer, "lr": s.learning_rate, "steps": s.steps, "seed": s.seed},
         "save": {"output_dir": str(runs_root()), "name": s.name, "every": s.save_every},
         "preview": {"every": s.preview_every if s.preview_prompts else 0, "prompts": list(s.preview_prompts)},
@@ -195,9 +205,9 @@ class ZITTrain(io.ComfyNode):
                 "loader. Follow it in the ZIT panel or at /zit/jobs; stop it with 'ZIT Stop Training'."),
             inputs=[
                 io.Model.Input("model", tooltip=(
-                    "The Z-Image-Turbo diffusion model from 'Load Diffusion Model' or 'Load ZIT' (bf16/fp32 "
-                    "file or diffusers folder, no LoRA attached). The job loads its own copy from that "
-                    "file.")),
+                    "The Z-Image diffusion model (Turbo; or the base / De-Turbo with turbo 'base') from "
+                    "'Load Diffusion Model' or 'Load ZIT' (bf16/fp32/fp8 file or diffusers folder, no LoRA "
+                    "attached). The job loads its own copy from that file.")),
                 ZitDatasetType.Input("dataset", tooltip="The encoded dataset from ZIT Dataset."),
                 io.String.Input("name", default="zit_lora", tooltip=(
                     "Run and LoRA name. The LoRA is saved as zit-trainer/<name>/<name>.safetensors in the "
@@ -245,6 +255,8 @@ class ZITTrain(io.ComfyNode):
                     "\"fp16\", [preview] width = 768. Keys set by the inputs above are refused.")),
                 io.Combo.Input("memory", options=list(MEMORY), default="auto", optional=True,
                                tooltip=MEMORY_TIP),
+                io.Combo.Input("family", options=list(FAMILY), default="auto", optional=True,
+                               tooltip=FAMILY_TIP),
             ],
             outputs=[
                 io.Combo.Output(display_name="lora_name", tooltip=(
@@ -272,7 +284,8 @@ class ZITTrain(io.ComfyNode):
     def execute(cls, model: Any, dataset: ZitDataset, name: str, turbo: str, adapter: str, steps: int,
                 learning_rate: float, rank: int, optimizer: str, batch_size: int,
                 gradient_checkpointing: bool, save_every: int, preview_prompts: str, preview_every: int,
-                seed: int, wait: bool, resume: bool, advanced: str, memory: str = "auto") -> io.NodeOutput:
+                seed: int, wait: bool, resume: bool, advanced: str, memory: str = "auto",
+                family: str = "auto") -> io.NodeOutput:
         import comfy.model_management
 
         from ..trainer.config import check_field
@@ -285,11 +298,12 @@ class ZITTrain(io.ComfyNode):
         if turbo == "distill" and adapter == NONE:
             raise ZitError("turbo 'distill' distills an SFT LoRA: pick it in adapter (a LoRA trained with "
                            "turbo sft, from models/loras)")
-        if turbo != "sft" and adapter == NONE:
+        if turbo in USES_ADAPTER and adapter == NONE:
             raise ZitError(f"turbo {turbo!r} trains over the training adapter: pick its file in adapter "
                            "(e.g. zimage_turbo_training_adapter_v2.safetensors in models/loras), or use "
                            "turbo sft")
-        adapter_file = folder_paths.get_full_path_or_raise("loras", adapter) if turbo != "sft" else None
+        adapter_file = (folder_paths.get_full_path_or_raise("loras", adapter) if turbo in USES_ADAPTER
+                        else None)
         if resume:
             from ..trainer.checkpoint import list_checkpoints
 
@@ -299,7 +313,7 @@ class ZITTrain(io.ComfyNode):
         else:
             name = fresh_name(name)
         settings = Settings(name, turbo, adapter_file, steps, learning_rate, rank, optimizer, batch_size,
-                            gradient_checkpointing, memory, save_every, _prompts(preview_prompts),
+                            gradient_checkpointing, memory, family, save_every, _prompts(preview_prompts),
                             preview_every, seed, advanced)
         cfg = build_config(settings, transformer, dataset)
         if cfg.preview.every and dataset.vae_file is None:

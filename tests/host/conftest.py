@@ -44,6 +44,8 @@ import _comfy_inproc as inproc  # noqa: E402
 # The file names the workflows use; the fixture writes tiny files under these names.
 UNET = "z_image_turbo_bf16.safetensors"
 UNET_FP8 = "z_image_turbo_fp8_scaled.safetensors"  # the same weights, block Linears in ComfyUI's scaled fp8
+UNET_BASE = "z_image_bf16.safetensors"  # stands for the Z-Image base: the same tiny weights, marked as base
+FUN_DISTILL = "Z-Image-Fun-Lora-Distill-8-Steps.safetensors"  # alibaba-pai's `lora_unet__layers_N_` keys
 CLIP = "qwen_3_4b.safetensors"
 VAE = "ae.safetensors"
 LORAS = {  # name -> (seed, dialect, with adaLN)
@@ -231,6 +233,21 @@ def _write_loras(spec: Any, loras: Path) -> None:
     for name, (seed, dialect, adaln) in LORAS.items():
         keys = [k for k in spec.module_keys() if k[0] != BASE and (adaln or k[1] != "adaLN")]
         write_lora(random_lora(rank=4, spec=spec, keys=keys, seed=seed), loras / name, dialect, "bf16")
+    _write_fun_distill(spec, loras / FUN_DISTILL)
+
+
+def _write_fun_distill(spec: Any, path: Path) -> None:
+    """A base distill LoRA as alibaba-pai ships it: kohya names with a double underscore, alpha per layer."""
+    from safetensors.torch import load_file, save_file
+
+    from trainer.lora.formats import write_lora
+    from trainer.lora.spec import BASE
+    from trainer.lora.synth import random_lora
+
+    keys = [k for k in spec.module_keys() if k[0] != BASE]
+    write_lora(random_lora(rank=4, spec=spec, keys=keys, seed=5), path, "kohya", "bf16")
+    state = load_file(str(path))
+    save_file({k.replace("lora_unet_", "lora_unet__", 1): v for k, v in state.items()}, str(path))
 
 
 def _write_not_zit(models: Path) -> None:
@@ -280,6 +297,7 @@ def write_tiny_models(comfyui: Path, base: Path) -> None:
     comfy_sd = to_comfy_state_dict(transformer.state_dict())
     save_file(comfy_sd, models / "diffusion_models" / UNET)
     save_file(_scaled_fp8(comfy_sd), models / "diffusion_models" / UNET_FP8)
+    save_file(comfy_sd, models / "diffusion_models" / UNET_BASE, metadata={"zit.family": "base"})
     transformer.save_pretrained(root / "transformer", max_shard_size="500MB")
     del transformer
     (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))

@@ -39,7 +39,8 @@ EXPECTED_NODES = {
 }
 EXPECTED_WORKFLOWS = {"zit_turbo_lora_distillpatch", "zit_deturbo_training_adapter",
                       "zit_block_weight_exploration", "zit_lora_merge", "zit_train_adapter_turbo",
-                      "zit_train_sft_distillpatch", "zit_train_sft_distill_turbo"}
+                      "zit_train_sft_distillpatch", "zit_train_sft_distill_turbo",
+                      "zit_train_base_sample_turbo", "zit_base_fun_distill_8steps"}
 IMPORT_BUDGET_S = 0.2
 CPU_STEPS = 2
 CPU_SIDE = 64

@@ -449,6 +449,7 @@ def test_node_choices_follow_the_config(pack_nodes: Any):
     assert set(training.TURBO) == set(FIELDS["turbo.mode"].choices)
     assert training.OPTIMIZERS == FIELDS["optim.optimizer"].choices
     assert training.MEMORY == FIELDS["model.memory"].choices
+    assert training.FAMILY == FIELDS["model.family"].choices
     assert dataset.MISSING_CAPTION == FIELDS["data.missing_caption"].choices
     assert dataset.BAD_IMAGE == FIELDS["data.bad_image"].choices
     assert set(training.OWNED) <= set(FIELDS)
