@@ -18,23 +18,29 @@ class _Adapter(io.ComfyNode):
     TITLE: ClassVar[str]  # e.g. "Training Adapter"
     HINT: ClassVar[str]  # lower-case part of the usual file name, preselected in the picker
     ABOUT: ClassVar[str]  # what the adapter is, for the descriptions
+    SETTINGS: ClassVar[str] = ""  # recommended sampling settings, for the attach node's tooltips
 
 
 class _Attach(_Adapter):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        extra = f" {cls.SETTINGS}" if cls.SETTINGS else ""
         return io.Schema(
             node_id=f"ZIT{cls.TITLE.replace(' ', '')}Attach",
             display_name=f"ZIT {cls.TITLE}: Attach",
             category=CATEGORY,
-            description=(f"Attaches the {cls.ABOUT} to the MODEL as ComfyUI LoRA patches (any file dialect). "
-                         f"'ZIT {cls.TITLE}: Remove' (mode exact) later takes away exactly these patches."),
+            description=(f"Attaches the {cls.ABOUT} to the MODEL as ComfyUI patches (a LoRA of any dialect, "
+                         f"or a LyCORIS LoKr / LoHa / full-diff file through ComfyUI's own adapters). "
+                         f"'ZIT {cls.TITLE}: Remove' (mode exact) later takes away exactly these patches."
+                         f"{extra}"),
             inputs=[
-                io.Model.Input("model", tooltip="The Z-Image-Turbo diffusion model."),
-                lora_input(tooltip=f"The {cls.TITLE.lower()} file in the loras folders (any dialect).",
+                io.Model.Input("model", tooltip="The Z-Image diffusion model."),
+                lora_input(tooltip=f"The {cls.TITLE.lower()} file in the loras folders (a LoRA of any "
+                                   f"dialect, or LoKr / LoHa / full diff).{extra}",
                            hint=cls.HINT),
                 io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
-                               tooltip=f"Strength of the {cls.TITLE.lower()} (1 = as published)."),
+                               tooltip=f"Strength of the {cls.TITLE.lower()} (1 = as published)."
+                                       f"{extra}"),
             ],
             outputs=[io.Model.Output(display_name="MODEL",
                                      tooltip=f"The model with the {cls.TITLE.lower()} attached.")],
@@ -44,7 +50,7 @@ class _Attach(_Adapter):
     def execute(cls, model: Any, lora_name: str, strength: float) -> io.NodeOutput:
         from . import patching
 
-        lora = patching.read_lora_file(lora_name, patching.model_spec(model))
+        lora = patching.read_adapter_file(lora_name, patching.model_spec(model))
         return io.NodeOutput(patching.attach(model, lora, strength, name=cls.NAME, source=lora_name))
 
 
@@ -80,7 +86,7 @@ class _Remove(_Adapter):
 
         if mode == "exact":
             return io.NodeOutput(patching.remove_attachment(model, cls.NAME))
-        lora = patching.read_lora_file(lora_name, patching.model_spec(model))
+        lora = patching.read_adapter_file(lora_name, patching.model_spec(model))
         return io.NodeOutput(patching.subtract(model, lora, strength, cls.NAME))
 
 
@@ -92,7 +98,12 @@ class _TrainingAdapter:
 
 class _DistillPatch:
     NAME, TITLE, HINT = "distill_patch", "DistillPatch", "distill"
-    ABOUT = "Z-Image-Turbo DistillPatch LoRA (DiffSynth: restores 8-step, cfg 1 sampling over an SFT LoRA)"
+    ABOUT = ("distill LoRA: the Z-Image-Turbo DistillPatch (DiffSynth: restores few-step, cfg 1 sampling "
+             "over an SFT LoRA) or a Z-Image-Fun distill LoRA for the base model")
+    SETTINGS = ("Recommended: Turbo DistillPatch: 8 steps, cfg 1, strength 1. Z-Image-Fun distill LoRAs "
+                "for the base model: strength 0.8, cfg 1, and the steps of the file (they come as 2-, 4- "
+                "and 8-step variants: 8 steps for the 8-step file, 4 for the 4-step one, 2 for the "
+                "2-step one).")
 
 
 class ZITTrainingAdapterAttach(_TrainingAdapter, _Attach):

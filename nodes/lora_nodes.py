@@ -23,7 +23,8 @@ METRICS = ("norm", "erank", "rank")
 MAX_MERGE = 4
 
 
-def lora_input(id: str = "lora_name", tooltip: str = "A LoRA file from the loras folders (any ZIT dialect).",
+def lora_input(id: str = "lora_name", tooltip: str = ("A LoRA file from the loras folders (any ZIT dialect), "
+                                                      "or a LyCORIS LoKr / LoHa / full-diff file."),
                hint: str | None = None, none: bool = False, optional: bool = False) -> io.Combo.Input:
     """A combo over the loras folders; default: the first name containing `hint`; `none` adds "none"."""
     names = folder_paths.get_filename_list("loras")
@@ -93,10 +94,11 @@ class ZITLoraLoaderBlockWeight(io.ComfyNode):
             display_name="ZIT LoRA Loader (Block Weight)",
             category=CATEGORY,
             description=(
-                "Applies a Z-Image-Turbo LoRA (any dialect, including kohya/musubi q/k/v that core ComfyUI "
-                "skips) with a weight per block (BASE, L00..L29, NR0, NR1, CR0, CR1) and per component. With "
-                "all weights 1 it patches exactly what ComfyUI's LoRA loader patches; a weight of 0 adds no "
-                "patch. Chain several, or with other LoRA loaders."),
+                "Applies a Z-Image LoRA (any dialect, including kohya/musubi q/k/v that core ComfyUI skips) "
+                "or a LyCORIS LoKr / LoHa / full-diff file (through ComfyUI's own LoKr, LoHa and diff "
+                "patches) with a weight per block (BASE, L00..L29, NR0, NR1, CR0, CR1) and per component. "
+                "With all weights 1 it patches exactly what ComfyUI's LoRA loader patches; a weight of 0 "
+                "adds no patch. Chain several, or with other LoRA loaders."),
             inputs=[
                 io.Model.Input("model", tooltip="The Z-Image-Turbo diffusion model to patch."),
                 lora_input(),
@@ -128,7 +130,7 @@ class ZITLoraLoaderBlockWeight(io.ComfyNode):
         weights = resolve(blocks, components)
         if strength == 0:
             return io.NodeOutput(model, weights.vector_string())
-        lora = patching.read_lora_file(lora_name, patching.model_spec(model))
+        lora = patching.read_adapter_file(lora_name, patching.model_spec(model))
         return io.NodeOutput(patching.attach(model, lora, strength, weights), weights.vector_string())
 
 
@@ -161,14 +163,17 @@ class ZITLoraMergeSave(io.ComfyNode):
                 "Merges up to four Z-Image-Turbo LoRAs, each with a ratio and a block vector, and saves the "
                 "result into the first loras folder (LoRA pickers list it after a refresh). 'exact' sums the "
                 "full updates without cross terms (rank = sum of ranks); 'svd' truncates that sum to the "
-                "given rank. Returns the saved file name."),
+                "given rank. A LyCORIS input (LoKr / LoHa / full diff) is first converted to its best "
+                "LoRA of that rank. Returns the saved file name."),
             inputs=[
                 *_merge_inputs(),
                 io.Combo.Input("mode", options=["exact", "svd"], default="exact",
                                tooltip="exact: concatenated factors, no approximation; svd: best rank-r "
                                        "approximation of the summed update."),
                 io.Int.Input("rank", default=32, min=1, max=4096,
-                             tooltip="Target rank per module for mode 'svd' (ignored by 'exact')."),
+                             tooltip="Target rank per module for mode 'svd'. Also the rank a LyCORIS input "
+                                     "(LoKr / LoHa / full diff) is first converted to (best rank-r "
+                                     "approximation of its dW), in both modes."),
                 io.Combo.Input("dialect", options=list(DIALECTS), default="aitoolkit", tooltip=DIALECT_TIP),
                 _dtype_input(),
                 _prefix_input("zit_merged"),
@@ -193,7 +198,7 @@ class ZITLoraMergeSave(io.ComfyNode):
             name = kwargs.get(f"lora_{i}", NONE)
             if name in (None, NONE):
                 continue
-            lora = patching.read_lora_file(name)
+            lora = patching.read_lora_file(name, rank=rank)
             named = Lora(lora.modules, {**lora.metadata, "zit.name": name}, lora.spec)
             weights = resolve(kwargs.get(f"blocks_{i}", "all"), "", kwargs.get(f"ratio_{i}", 1.0))
             items.append((named, weights))
@@ -215,7 +220,9 @@ class ZITLoraInspect(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Shows where a Z-Image-Turbo LoRA acts: a heatmap (blocks x components) of the norm, "
-                "effective rank or rank of each module's update, and a text table of norms and ranks."),
+                "effective rank or rank of each module's update, and a text table of norms and ranks. A "
+                "LyCORIS file (LoKr / LoHa / full diff) shows its real dW: exact norms, effective and "
+                "numerical rank, and each module's adapter kind."),
             inputs=[
                 lora_input(),
                 io.Combo.Input("metric", options=list(METRICS), default="norm", tooltip=(
@@ -235,12 +242,20 @@ class ZITLoraInspect(io.ComfyNode):
         import torch
 
         from ..trainer.lora.inspect import heatmap_png, stats_table
+        from ..trainer.lora.lycoris import DeltaFile
         from . import patching
 
-        lora = patching.read_lora_file(lora_name)
-        image = heatmap_png(lora, None, metric)
+        lora = patching.read_adapter_file(lora_name)
+        if isinstance(lora, DeltaFile):  # LoKr / LoHa / diff: stats of the real dW, norms from module_norms
+            from ..trainer.lora.any_file import delta_stats, describe
+
+            stats = delta_stats(lora)
+            image = heatmap_png(stats, None, metric, spec=lora.spec)
+            table = f"{describe(lora)}\n\n{stats_table(stats, lora.spec, rank_label='numerical rank of dW')}"
+        else:
+            image, table = heatmap_png(lora, None, metric), stats_table(lora)
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
-        return io.NodeOutput(pixels, stats_table(lora))
+        return io.NodeOutput(pixels, table)
 
 
 class ZITLoraConvert(io.ComfyNode):
@@ -254,7 +269,9 @@ class ZITLoraConvert(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Reads a Z-Image-Turbo LoRA of any dialect and writes it in the chosen one (same update dW, "
-                "scale folded in) as a new file in the first loras folder. Returns the saved file name."),
+                "scale folded in) as a new file in the first loras folder. A LyCORIS file (LoKr / LoHa / "
+                "full diff) becomes its best LoRA of the given rank (the relative error is shown). Returns "
+                "the saved file name."),
             inputs=[
                 lora_input(),
                 io.Combo.Input("dialect", options=list(DIALECTS), default="aitoolkit", tooltip=DIALECT_TIP),
@@ -263,6 +280,9 @@ class ZITLoraConvert(io.ComfyNode):
                     "File name (subfolders allowed) in the first loras folder, without extension; empty = "
                     "the input's name plus _<dialect>. An existing file is never overwritten: a counter is "
                     "added.")),
+                io.Int.Input("rank", default=32, min=1, max=4096, optional=True, tooltip=(
+                    "LyCORIS inputs only (LoKr / LoHa / full diff): the rank of the LoRA they become, the "
+                    "best rank-r approximation of each module's dW. Ignored for a LoRA input.")),
             ],
             outputs=[io.String.Output(display_name="lora_name",
                                       tooltip="The saved file's name as LoRA pickers list it.")],
@@ -271,11 +291,17 @@ class ZITLoraConvert(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, lora_name: str, dialect: str, dtype: str = "keep",
-                filename_prefix: str = "") -> io.NodeOutput:
+    def execute(cls, lora_name: str, dialect: str, dtype: str = "keep", filename_prefix: str = "",
+                rank: int = 32) -> io.NodeOutput:
+        from ..trainer.lora.any_file import error_report
+        from ..trainer.lora.lycoris import DeltaFile, delta_to_lora
         from . import patching
 
-        lora = patching.read_lora_file(lora_name)
+        lora, note = patching.read_adapter_file(lora_name), ""
+        if isinstance(lora, DeltaFile):
+            delta = lora
+            lora, errors = delta_to_lora(delta, rank=rank)
+            note = "\n" + error_report(delta, lora, errors, rank, None)
         prefix = filename_prefix.strip() or f"{lora_name.rsplit('.', 1)[0]}_{dialect}"
         saved = _save_new(lora, prefix, dialect, _dtype(dtype))
-        return io.NodeOutput(saved, ui=ui.PreviewText(f"saved {saved}"))
+        return io.NodeOutput(saved, ui=ui.PreviewText(f"saved {saved}{note}"))

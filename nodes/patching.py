@@ -1,4 +1,5 @@
-"""ComfyUI patch helpers: a canonical ZIT Lora as exact ComfyUI weight patches, attached/removed by identity.
+"""ComfyUI patch helpers: a canonical ZIT Lora (or a LyCORIS file, see lycoris_patches) as exact ComfyUI
+weight patches, attached/removed by identity.
 
 Patch format (what `comfy.lora.load_lora` builds for a ZIT LoRA file):
 - key `diffusion_model.<ComfyUI module>.weight`; q, k and v are offset patches on the fused qkv weight,
@@ -9,6 +10,10 @@ Patch format (what `comfy.lora.load_lora` builds for a ZIT LoRA file):
 - the strength and each module's block/component weight go into `add_patches`' strength_patch, one call
   per distinct weight, so ComfyUI computes `(strength * weight) * (up @ down)` in float32 exactly as it
   does for its own loader; a module of weight 0 gets no patch at all.
+
+LoKr, LoHa and full-diff files are read as a DeltaFile (`read_adapter_file` tells them apart by the tensor
+names in the header) and become ComfyUI's own LoKr / LoHa / diff patches (lycoris_patches.py), weighted the
+same way.
 
 Attach/remove: `attach` records the adapter objects it added under a name in `model_options`;
 `remove_attachment` returns a clone whose patch lists no longer hold those objects (found by identity), with
@@ -28,9 +33,10 @@ from typing import Any
 import folder_paths
 
 from ..trainer.errors import ZitError
+from ..trainer.lora.any_file import kinds_text, read_any
 from ..trainer.lora.blocks import BlockWeights
 from ..trainer.lora.canonical import Lora, LoraModule
-from ..trainer.lora.formats import read_lora
+from ..trainer.lora.lycoris import DeltaFile
 from ..trainer.lora.spec import BASE, QKV_SLICE, ModuleKey, ZitSpec, comfy_name, diffusers_name
 
 PREFIX = "diffusion_model."
@@ -38,6 +44,7 @@ PREFIX = "diffusion_model."
 ATTACHED = "zit_attached"
 
 PatchKey = str | tuple[str, tuple[int, int, int]]
+AdapterFile = Lora | DeltaFile  # a LoRA, or a LyCORIS file (LoKr, LoHa, full diff; see lycoris_patches)
 
 
 def model_spec(patcher: Any) -> ZitSpec:
@@ -86,12 +93,29 @@ def lora_patches(
     return groups
 
 
-def _check_fits(patcher: Any, lora: Lora, spec: ZitSpec) -> None:
-    """ZitError naming the module when a LoRA module has no weight of its shape in the MODEL."""
+def file_patches(
+    adapter_file: AdapterFile, spec: ZitSpec, weights: BlockWeights | None = None
+) -> dict[float, dict[PatchKey, Any]]:
+    """add_patches dicts of a LoRA or a LyCORIS file, grouped by strength factor (weight-0: no patch)."""
+    if isinstance(adapter_file, DeltaFile):
+        from .lycoris_patches import delta_patches
+
+        return delta_patches(adapter_file, spec, weights)
+    return lora_patches(adapter_file, spec, weights)
+
+
+def _dw_shape(module: Any) -> tuple[int, int]:
+    """(out, in) of a module's dW: a LoraModule's from its factors, a DeltaModule's as read."""
+    return (module.b.shape[0], module.a.shape[1]) if isinstance(module, LoraModule) else module.shape
+
+
+def _check_fits(patcher: Any, adapter_file: AdapterFile, spec: ZitSpec) -> None:
+    """ZitError naming the module when a module has no weight of its shape in the MODEL."""
     shapes = {k: tuple(v.shape) for k, v in patcher.model_state_dict().items()}
-    for key, m in lora.modules.items():
+    kind = "LyCORIS" if isinstance(adapter_file, DeltaFile) else "LoRA"
+    for key, m in adapter_file.modules.items():
         pk = patch_key(key, spec)
-        out_f, in_f = m.b.shape[0], m.a.shape[1]
+        out_f, in_f = _dw_shape(m)
         if isinstance(pk, str):
             weight, need = pk, (out_f, in_f)
         else:  # a row slice of the fused qkv: dW has the slice's rows, the weight three times as many
@@ -99,8 +123,8 @@ def _check_fits(patcher: Any, lora: Lora, spec: ZitSpec) -> None:
         have = shapes.get(weight)
         if have is None or have != need:
             found = "is missing" if have is None else f"is {'x'.join(map(str, have))}"
-            raise ZitError(f"LoRA module {diffusers_name(key)}: dW is {out_f}x{in_f} but this MODEL's "
-                           f"{weight} {found}: the LoRA is for a different model")
+            raise ZitError(f"{kind} module {diffusers_name(key)}: dW is {out_f}x{in_f} but this MODEL's "
+                           f"{weight} {found}: the {kind} file is for a different model")
 
 
 def attachments(patcher: Any) -> dict[str, dict[str, Any]]:
@@ -108,9 +132,10 @@ def attachments(patcher: Any) -> dict[str, dict[str, Any]]:
     return patcher.model_options.get(ATTACHED, {})
 
 
-def attach(patcher: Any, lora: Lora, strength: float = 1.0, weights: BlockWeights | None = None,
+def attach(patcher: Any, lora: AdapterFile, strength: float = 1.0, weights: BlockWeights | None = None,
            name: str | None = None, source: str = "") -> Any:
-    """A clone of `patcher` with `lora` as patches at strength x module weight, recorded under `name`."""
+    """A clone of `patcher` with `lora` (LoRA or LyCORIS) as patches at strength x module weight,
+    recorded under `name`."""
     spec = model_spec(patcher)
     if name is not None and name in attachments(patcher):
         raise ZitError(f"the {name.replace('_', ' ')} is already attached to this MODEL "
@@ -119,7 +144,7 @@ def attach(patcher: Any, lora: Lora, strength: float = 1.0, weights: BlockWeight
     clone = patcher.clone()
     added = []
     if strength != 0:
-        for w, patches in lora_patches(lora, spec, weights).items():
+        for w, patches in file_patches(lora, spec, weights).items():
             added += [patches[k] for k in clone.add_patches(patches, strength * w)]
     if name is not None:
         record = {"patches": tuple(added), "file": source, "strength": strength}
@@ -153,7 +178,7 @@ def remove_attachment(patcher: Any, name: str) -> Any:
     return clone
 
 
-def subtract(patcher: Any, lora: Lora, strength: float, name: str) -> Any:
+def subtract(patcher: Any, lora: AdapterFile, strength: float, name: str) -> Any:
     """A clone with `lora` added at -strength: cancels a baked-in copy (only approximately in bf16/fp8)."""
     if name in attachments(patcher):
         label = name.replace("_", " ")
@@ -163,13 +188,14 @@ def subtract(patcher: Any, lora: Lora, strength: float, name: str) -> Any:
     return attach(patcher, lora, -strength)
 
 
-_CACHE: OrderedDict[tuple, Lora] = OrderedDict()
+_CACHE: OrderedDict[tuple, AdapterFile] = OrderedDict()
 _CACHE_SIZE = 4
 _CACHE_LOCK = threading.Lock()
 
 
-def read_lora_file(lora_name: str, spec: ZitSpec | None = None) -> Lora:
-    """The canonical Lora of a file in the loras folders; cached by (path, mtime, size, spec)."""
+def read_adapter_file(lora_name: str, spec: ZitSpec | None = None) -> AdapterFile:
+    """A file in the loras folders as a Lora, or a DeltaFile when it holds LoKr / LoHa / diff tensors;
+    cached by (path, mtime, size, spec). A DeltaFile's tensors stay in the file until patches need them."""
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, spec)
@@ -177,9 +203,24 @@ def read_lora_file(lora_name: str, spec: ZitSpec | None = None) -> Lora:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    lora = read_lora(path, spec=spec)
+    loaded = read_any(path, spec=spec)
     with _CACHE_LOCK:
-        _CACHE[key] = lora
+        _CACHE[key] = loaded
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
-    return lora
+    return loaded
+
+
+def read_lora_file(lora_name: str, spec: ZitSpec | None = None, rank: int | None = None) -> Lora:
+    """A file in the loras folders as a Lora; a LyCORIS file becomes its best rank-`rank` LoRA
+    (ZitError naming the file without a rank)."""
+    loaded = read_adapter_file(lora_name, spec)
+    if isinstance(loaded, Lora):
+        return loaded
+    if rank is None:
+        raise ZitError(f"{lora_name}: a LyCORIS file ({kinds_text(loaded)}); this node needs a LoRA: "
+                       f"give a rank to convert it to")
+    from ..trainer.lora.lycoris import delta_to_lora
+
+    return delta_to_lora(loaded, rank=rank)[0]
+

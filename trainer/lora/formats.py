@@ -81,7 +81,8 @@ _LAYOUTS: dict[str, _Layout] = {
     "diffusers": _Layout("transformer.", ("transformer.", "base_model.model.", ""), False, False, _A, _B,
                          False),
     "diffsynth": _Layout("", ("",), False, False, ".lora_A.default.weight", ".lora_B.default.weight", False),
-    "kohya": _Layout("lora_unet_", ("lora_unet_",), True, False, _DOWN, _UP, True),
+    # `lora_unet__` (double underscore): alibaba-pai's Z-Image-Fun distill LoRAs (VideoX-Fun's kohya names).
+    "kohya": _Layout("lora_unet_", ("lora_unet__", "lora_unet_"), True, False, _DOWN, _UP, True),
     "comfy": _Layout("diffusion_model.", ("diffusion_model.", ""), False, True, _DOWN, _UP, True),
     "lycoris": _Layout("lycoris_", ("lycoris_",), True, False, _DOWN, _UP, True),
 }
@@ -91,10 +92,14 @@ _ROLES: dict[str, str] = {
     ".lora_A.default.weight": "a", ".lora_B.default.weight": "b", ".alpha": "alpha",
 }
 
+# What a LoRA reader says of a LyCORIS (LoKr / LoHa / diff) file: the commands read it, a LoRA reader cannot.
+_CONVERT_HINT = ("not a plain LoRA; `python -m trainer lora convert IN OUT --rank N` (or `--energy F`) "
+                 "turns it into one")
 # Key patterns of files we refuse, with what they are.
 _FOREIGN: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), what) for p, what in (
-    (r"lokr_w[12]|lokr_t[12]", "a LoKr adapter (lokr_w1/lokr_w2), which is not supported: only plain LoRA"),
-    (r"hada_w[12]_[ab]|hada_t[12]", "a LoHa adapter (hada_w1_a...), which is not supported: only plain LoRA"),
+    (r"lokr_w[12]|lokr_t[12]", f"a LoKr adapter (lokr_w1/lokr_w2), {_CONVERT_HINT}"),
+    (r"hada_w[12]_[ab]|hada_t[12]", f"a LoHa adapter (hada_w1_a...), {_CONVERT_HINT}"),
+    (r"\.diff$", f"a LyCORIS full-weight diff, {_CONVERT_HINT}"),
     (r"dora_scale|lora_magnitude_vector", "a DoRA adapter (magnitude vector), which is not supported: "
                                           "only plain LoRA"),
     (r"(^|[._])(qweight|wscales|wzeros|wcscales|wtscale|smooth|smooth_orig|smooth_factor|w13|proj_down|"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +12,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .canonical import Lora, LoraError
 from .merge import factor_svdvals
-from .spec import BASE, COMPONENTS, ModuleKey
+from .spec import BASE, COMPONENTS, ModuleKey, ZitSpec
 
 
 @dataclass(frozen=True)
 class Stat:
-    """One module: Frobenius norm of dW, its effective rank (Roy & Vetterli) and the nominal rank."""
+    """One module: Frobenius norm of dW, its effective rank (Roy & Vetterli) and the nominal rank (for a
+    LyCORIS module: the numerical rank of dW)."""
 
     norm: float
     effective_rank: float
@@ -48,11 +49,19 @@ def module_stats(lora: Lora) -> dict[ModuleKey, Stat]:
     }
 
 
+Stats = Mapping[ModuleKey, Stat]
+
+
+def _stats(source: Lora | Stats, spec: ZitSpec | None) -> tuple[Stats, ZitSpec]:
+    """(per-module stats, model spec) of a LoRA, or of a mapping of stats already computed (spec given)."""
+    if isinstance(source, Lora):
+        return module_stats(source), spec or source.spec
+    if spec is None:
+        raise LoraError("stats given without the model spec they belong to")
+    return source, spec
+
+
 # ---- text table -----------------------------------------------------------------------------------------
-
-
-def _rows(lora: Lora) -> list[str]:
-    return [BASE, *lora.spec.blocks()]
 
 
 def _render(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -65,10 +74,15 @@ def _render(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _block_table(lora: Lora, stats: dict[ModuleKey, Stat], cell: Callable[[Stat], str],
-                 total: bool) -> list[str]:
+def block_grid(spec: ZitSpec, cells: Mapping[ModuleKey, str]) -> list[str]:
+    """Lines of a blocks x components text grid of `cells` (- where a module has no cell)."""
+    rows = [[block] + [cells.get((block, c), "-") for c in COMPONENTS] for block in [BASE, *spec.blocks()]]
+    return _render(["block", *COMPONENTS], rows)
+
+
+def _block_table(spec: ZitSpec, stats: Stats, cell: Callable[[Stat], str], total: bool) -> list[str]:
     rows = []
-    for block in _rows(lora):
+    for block in [BASE, *spec.blocks()]:
         row = [block] + [cell(stats[(block, c)]) if (block, c) in stats else "-" for c in COMPONENTS]
         if total:
             norms = [s.norm for (b, _), s in stats.items() if b == block]
@@ -77,7 +91,7 @@ def _block_table(lora: Lora, stats: dict[ModuleKey, Stat], cell: Callable[[Stat]
     return _render(["block", *COMPONENTS, *(["all"] if total else [])], rows)
 
 
-def _base_lines(stats: dict[ModuleKey, Stat]) -> list[str]:
+def _base_lines(stats: Stats) -> list[str]:
     rows = [[name, f"{s.norm:.4g}", f"{s.effective_rank:.2f}", str(s.rank)]
             for (block, name), s in stats.items() if block == BASE]
     if not rows:
@@ -85,13 +99,16 @@ def _base_lines(stats: dict[ModuleKey, Stat]) -> list[str]:
     return ["", "BASE modules", *_render(["module", "norm", "erank", "rank"], rows)]
 
 
-def stats_table(lora: Lora) -> str:
-    """Plain-text tables, blocks x components: norm of dW (and block total), then effective/nominal rank."""
-    stats = module_stats(lora)
+def stats_table(source: Lora | Stats, spec: ZitSpec | None = None, rank_label: str = "nominal rank") -> str:
+    """Plain-text tables, blocks x components: norm of dW (and block total), then effective/nominal rank.
+
+    `source` is a LoRA, or per-module stats (e.g. of a LyCORIS file) with the `spec` they belong to.
+    """
+    stats, spec = _stats(source, spec)
     lines = ["Frobenius norm of dW ('all' = root sum of squares over the block's modules; - = no module)"]
-    lines += _block_table(lora, stats, lambda s: f"{s.norm:.4g}", total=True)
-    lines += ["", "Effective rank / nominal rank"]
-    lines += _block_table(lora, stats, lambda s: f"{s.effective_rank:.2f}/{s.rank}", total=False)
+    lines += _block_table(spec, stats, lambda s: f"{s.norm:.4g}", total=True)
+    lines += ["", f"Effective rank / {rank_label}"]
+    lines += _block_table(spec, stats, lambda s: f"{s.effective_rank:.2f}/{s.rank}", total=False)
     lines += _base_lines(stats)
     return "\n".join(lines)
 
@@ -139,7 +156,7 @@ def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, height: int, lo: floa
         draw.text((x + BAR_W + 6, ty), f"{lo + frac * (hi - lo):.3g}", font=font, fill=_INK, anchor="lm")
 
 
-def _footer(stats: dict[ModuleKey, Stat]) -> str:
+def _footer(stats: Stats) -> str:
     base = [s.norm for (block, _), s in stats.items() if block == BASE]
     text = "grey: no module"
     if base:
@@ -147,13 +164,17 @@ def _footer(stats: dict[ModuleKey, Stat]) -> str:
     return text
 
 
-def heatmap_png(lora: Lora, path: str | Path | None = None, metric: str = "norm") -> Image.Image:
-    """Blocks x components heatmap of `metric` (norm, erank or rank) with a colour scale; saved to `path`."""
+def heatmap_png(source: Lora | Stats, path: str | Path | None = None, metric: str = "norm",
+                spec: ZitSpec | None = None) -> Image.Image:
+    """Blocks x components heatmap of `metric` (norm, erank or rank) with a colour scale; saved to `path`.
+
+    `source` is a LoRA, or per-module stats with the `spec` they belong to.
+    """
     if metric not in METRICS:
         raise LoraError(f"heatmap: unknown metric {metric!r} (use {', '.join(METRICS)})")
     label, value = METRICS[metric]
-    stats = module_stats(lora)
-    blocks = lora.spec.blocks()
+    stats, spec = _stats(source, spec)
+    blocks = spec.blocks()
     values = {k: value(s) for k, s in stats.items() if k[0] != BASE}
     lo = min([0.0, *values.values()])
     hi = max([lo, *values.values()])

@@ -211,6 +211,12 @@ class DeltaFile:
         """How many modules of each kind (lokr, loha, full, lora)."""
         return dict(Counter(m.kind for m in self.modules.values()))
 
+    def num_parameters(self) -> int:
+        """Numbers in the adapter tensors (a fused qkv's tensors once, alphas not counted); header only."""
+        sizes = {name: math.prod(m._store.shapes[name]) for m in self.modules.values() if m._store
+                 for name in m.parts.values()}
+        return sum(sizes.values())
+
 
 def _read(store: _Store, metadata: Mapping[str, str], spec: ZitSpec | None, source: str) -> DeltaFile:
     keys = list(store.shapes)
@@ -294,7 +300,9 @@ def delta_to_lora(delta_file: DeltaFile, rank: int | None = None, energy: float 
     """Best rank-k LoRA of every module's dW: k = `rank`, or the least k keeping >= `energy` of sum s^2
     (with both, the smaller). Returns the LoRA and ||dW - B A||_F / ||dW||_F per module name.
 
-    B = U_k sqrt(S_k), A = sqrt(S_k) Vh_k. A module whose dW is exactly zero is left out (error 0).
+    B = U_k sqrt(S_k), A = sqrt(S_k) Vh_k. k never exceeds dW's numerical rank (singular values above
+    s_max * max(out, in) * float64 eps), so a LoKr of rank 8 asked for rank 64 gives rank 8, not 56 columns
+    of rounding noise. A module whose dW is exactly zero is left out (error 0).
     """
     if rank is None and energy is None:
         raise LoraError(f"{delta_file.source}: converting to a LoRA needs a target rank, an energy "
@@ -312,6 +320,8 @@ def delta_to_lora(delta_file: DeltaFile, rank: int | None = None, energy: float 
             errors[diffusers_name(key)] = 0.0
             continue
         k, _ = _kept_rank(sq, rank, energy)
+        floor = float(sq[0]) * (max(m.shape) * torch.finfo(torch.float64).eps) ** 2
+        k = max(1, min(k, int((sq > floor).sum())))
         u, s, vh = take(k)
         root = s.double().sqrt()
         modules[key] = LoraModule((root[:, None] * vh.double()).to(dtype), (u.double() * root).to(dtype))

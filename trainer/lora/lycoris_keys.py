@@ -2,9 +2,9 @@
 
 A tensor name is `<module prefix>.<part>`; the prefix is any of the names ComfyUI maps for Z-Image
 (`lycoris_` or `lora_unet_` + the module name with dots as underscores, `diffusion_model.` /
-`transformer.` / no prefix + the dotted name), in the diffusers layout (`attention.to_q`) or ComfyUI's
-(fused `attention.qkv`, `attention.out`). Everything here works from names and shapes only (a
-safetensors header is enough), so a bad file is refused before any tensor is read.
+`transformer.` / no prefix + the dotted name; also VideoX-Fun's `lora_unet__`), in the diffusers layout
+(`attention.to_q`) or ComfyUI's (fused `attention.qkv`, `attention.out`). Everything here works from
+names and shapes only (a safetensors header is enough), so a bad file is refused before any tensor is read.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ _REFUSED = {
     "oft_diag": "an OFT adapter (not supported: only LoKr, LoHa, full diff and LoRA)",
     "rescale": "an OFT/BOFT rescale vector (not supported: only LoKr, LoHa, full diff and LoRA)",
 }
-_READ_PREFIXES = (("lycoris_", True), ("lora_unet_", True), ("diffusion_model.", False),
-                  ("transformer.", False), ("base_model.model.", False), ("", False))
+_READ_PREFIXES = (("lycoris_", True), ("lora_unet__", True), ("lora_unet_", True),
+                  ("diffusion_model.", False), ("transformer.", False), ("base_model.model.", False),
+                  ("", False))
 
 Shapes = Callable[[str], tuple[int, ...]]
 
