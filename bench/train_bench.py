@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from trainer import loop, run_models  # noqa: E402
+from trainer import loop, run_models, run_setup  # noqa: E402
 from trainer.config import config_from_dict  # noqa: E402
 from trainer.data import LazyEncoder  # noqa: E402
 from trainer.lora.spec import ZIT, ZitSpec  # noqa: E402
@@ -116,7 +116,7 @@ def engine_trainer(case: Case, model: torch.nn.Module, work: Path,
         "preview": {"every": 0},
     }, source="bench")
     plan = plan or MemoryPlan("bf16", 0, 1, case.size)
-    with mock.patch.object(loop, "pick_device", lambda: case.device):
+    with mock.patch.object(run_setup, "pick_device", lambda name="": case.device):
         return loop.Trainer(cfg, models=lambda cfg, device, plan: models, plan=plan)
 
 

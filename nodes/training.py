@@ -51,6 +51,17 @@ TURBO_TIP = (
     "trains a distill LoRA that makes it sample in 8 steps at cfg 1 (saved alone and merged with the SFT "
     "LoRA as <name>_merged). base: plain LoRA on Z-Image base or De-Turbo (set family), previewed de-turbo; "
     "to also preview it on Turbo at 8 steps, set [preview] turbo_model = \"<path>\" in advanced.")
+DEFAULT_DEVICE = "default"
+
+
+def device_choices() -> list[str]:
+    """default, plus cuda:N for each GPU when there are several (torch is loaded by ComfyUI already)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [DEFAULT_DEVICE, *(f"cuda:{i}" for i in range(count))] if count > 1 else [DEFAULT_DEVICE]
+
+
 ADVANCED_EXAMPLE = "# e.g.\n# [optim]\n# scheduler = \"cosine\"\n# warmup_steps = 100\n"
 SET_BY_DATASET = "the ZIT Dataset node"
 OWNED = {  # config keys the node sets from its inputs; advanced may not set them
@@ -60,6 +71,7 @@ OWNED = {  # config keys the node sets from its inputs; advanced may not set the
     "model.gradient_checkpointing": "the gradient_checkpointing input",
     "model.memory": "the memory input",
     "model.family": "the family input",
+    "model.device": "the device input",
     **{f"data.{key}": SET_BY_DATASET for key in ("dataset", "caption", "trigger", "caption_ext",
                                                  "missing_caption", "bad_image", "min_side", "resolutions",
                                                  "recursive", "cache_dir")},
@@ -131,6 +143,7 @@ class Settings:
     gradient_checkpointing: bool
     memory: str
     family: str
+    device: str
     save_every: int
     preview_prompts: tuple[str, ...]
     preview_every: int
@@ -147,7 +160,7 @@ def build_config(s: Settings, transformer: str, data: ZitDataset) -> Any:
         "model": {"transformer": transformer, "text_encoder": data.te_file or f"<ComfyUI CLIP {data.te_id}>",
                   "vae": data.vae_file or f"<ComfyUI VAE {data.vae_id}>",
                   "gradient_checkpointing": s.gradient_checkpointing, "memory": s.memory,
-                  "family": s.family},
+                  "family": s.family, "device": "" if s.device == DEFAULT_DEVICE else s.device},
         "data": {**data.data, "batch_size": s.batch_size},
         "lora": {"rank": s.rank, "alpha": float(s.rank)},
         "turbo": {"mode": s.turbo, **({"adapter": s.adapter or ""} if s.turbo in USES_ADAPTER else {})},
@@ -257,6 +270,10 @@ class ZITTrain(io.ComfyNode):
                                tooltip=MEMORY_TIP),
                 io.Combo.Input("family", options=list(FAMILY), default="auto", optional=True,
                                tooltip=FAMILY_TIP),
+                io.Combo.Input("device", options=device_choices(), default=DEFAULT_DEVICE, optional=True,
+                               tooltip=(
+                    "The GPU the job trains on. default: ComfyUI's own device; with several GPUs, cuda:N "
+                    "trains on another one so ComfyUI keeps its GPU free for sampling.")),
             ],
             outputs=[
                 io.Combo.Output(display_name="lora_name", tooltip=(
@@ -285,7 +302,7 @@ class ZITTrain(io.ComfyNode):
                 learning_rate: float, rank: int, optimizer: str, batch_size: int,
                 gradient_checkpointing: bool, save_every: int, preview_prompts: str, preview_every: int,
                 seed: int, wait: bool, resume: bool, advanced: str, memory: str = "auto",
-                family: str = "auto") -> io.NodeOutput:
+                family: str = "auto", device: str = DEFAULT_DEVICE) -> io.NodeOutput:
         import comfy.model_management
 
         from ..trainer.config import check_field
@@ -313,7 +330,8 @@ class ZITTrain(io.ComfyNode):
         else:
             name = fresh_name(name)
         settings = Settings(name, turbo, adapter_file, steps, learning_rate, rank, optimizer, batch_size,
-                            gradient_checkpointing, memory, family, save_every, _prompts(preview_prompts),
+                            gradient_checkpointing, memory, family, device, save_every,
+                            _prompts(preview_prompts),
                             preview_every, seed, advanced)
         cfg = build_config(settings, transformer, dataset)
         if cfg.preview.every and dataset.vae_file is None:

@@ -127,27 +127,38 @@ class VramReserve:
     then from the measured working memory when that is larger.
     """
 
-    def __init__(self) -> None:
-        self.added = 0
+    def __init__(self, device: str = "") -> None:
+        """`device`: the job's model.device ('' = ComfyUI's); a job on another GPU reserves nothing."""
+        self.added, self.device = 0, device
+
+    def _shared(self) -> bool:
+        """Whether the job trains on the GPU ComfyUI samples on."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        if not self.device:
+            return True
+        import comfy.model_management as mm
+
+        return torch.device(self.device) == mm.get_torch_device()
 
     def start(self) -> None:
         """Measure peaks from the job's start (ComfyUI never reads the peak statistics)."""
         import torch
 
-        if torch.cuda.is_available():
+        if self._shared():
             torch.cuda.reset_peak_memory_stats()
 
     def expect(self, working: int) -> None:
         """Reserve at least `working` bytes (the planner's activations + workspace) from now on."""
-        import torch
-
-        if torch.cuda.is_available():
+        if self._shared():
             self._raise_to(working)
 
     def update(self) -> None:
         import torch
 
-        if torch.cuda.is_available():
+        if self._shared():
             self._raise_to(max(0, torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()))
 
     def _raise_to(self, working: int) -> None:
@@ -231,7 +242,7 @@ class Work:
 
         if isinstance(resume, str):
             _wait_for_unload(ctx)
-        reserve = VramReserve()
+        reserve = VramReserve(self.cfg.model.device)
         reserve.start()
         models = functools.partial(cache_only_models, vae_id=self.data.vae_id, te_id=self.data.te_id,
                                    vae=self.data.vae_file, hint=HINT)

@@ -161,6 +161,20 @@ class TrainingObjects:
     generators: Mapping[str, torch.Generator] = field(default_factory=dict)
 
 
+RUN_RECORD = "run"
+"""Key of the saved config.json's record of how the run was split (processes, global batch)."""
+
+
+def read_run_record(state: str | os.PathLike) -> dict[str, Any] | None:
+    """The run record saved beside a training state's config (None for older states or without one)."""
+    try:
+        config = json.loads((Path(state) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    record = config.get(RUN_RECORD) if isinstance(config, dict) else None
+    return record if isinstance(record, dict) else None
+
+
 @dataclass(frozen=True)
 class ResumeInfo:
     """What load_training_state read besides the objects it restored."""

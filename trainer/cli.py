@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config_fields import FIELDS
 from .errors import ZitError
 
 
@@ -12,20 +13,34 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; each command module adds its own sub-parser."""
     from .lora import commands as lora_commands
 
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="Z-Image-Turbo LoRA engine.")
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="Z-Image-Turbo LoRA engine: train LoRAs, plan their GPU memory, and inspect, convert, "
+                    "scale and merge LoRA files. Documentation: docs/README.md in the zit-trainer folder.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,config,plan,lora}")
     demo = sub.add_parser("demo", help="train the tiny built-in model on a generated dataset (CPU, ~1 min)")
     demo.add_argument("--out", default="demo_output", help="output folder (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=120, help="training steps (default: %(default)s)")
     demo.set_defaults(func=_run_demo)
-    train = sub.add_parser("train", help="train a LoRA from a TOML config")
+    train = sub.add_parser("train", help="train a LoRA from a TOML config",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Train a LoRA from a TOML config; `python -m trainer config` prints "
+                                       "one with every\ndefault. Ctrl+C stops after saving a checkpoint.\n\n"
+                                       + _settings_help())
     train.add_argument("--config", required=True, help="the run's TOML file (see `config`)")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     train.set_defaults(func=_run_train)
-    config = sub.add_parser("config", help="print a commented TOML config with every default")
+    config = sub.add_parser("config", help="print a commented TOML config with every default",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Print the training config as TOML: every setting with its default, "
+                                        "what it does and its\nallowed values as comments.\n\n"
+                                        + _settings_help())
     config.set_defaults(func=_print_config)
     plan = sub.add_parser("plan", help="predict a config's peak GPU memory per memory plan and pick the one "
-                                       "that fits (nothing loads)")
+                                       "that fits (nothing loads)",
+                          description="Predict a config's peak GPU memory for each memory plan "
+                                      f"(model.memory: {', '.join(FIELDS['model.memory'].choices)}) and "
+                                      "pick the one that fits; nothing is loaded. See docs/memory.md.")
     plan.add_argument("--config", required=True, help="the run's TOML file")
     plan.add_argument("--vram", help="memory budget, e.g. 12GB (default: model.vram, else the free memory "
                                      "of the GPU)")
@@ -35,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_run_plan)
     lora_commands.add_parser(sub)
     return parser
+
+
+def _settings_help() -> str:
+    """The config settings that take one of a fixed set of values, with those values (for --help)."""
+    lines = ["settings with a fixed set of values (section.key: allowed values):"]
+    lines += [f"  {spec.dotted}: {', '.join(spec.choices)}" for spec in FIELDS.values() if spec.choices]
+    lines.append("every setting, its default and allowed values: docs/training.md in the zit-trainer folder")
+    return "\n".join(lines)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -48,26 +71,37 @@ def _run_train(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config)  # a bad config is refused before torch and diffusers are imported
+    from .distributed import DistributedError, start_processes, stop_on_launcher_signal
     from .job import JobRunner
     from .loop import train
     from .progress import ProgressPrinter
 
+    processes = start_processes()  # accelerate launch / torchrun: join the others (alone: no-op)
+    if processes.parallel:
+        stop_on_launcher_signal(processes.rank)
     runner = JobRunner()
-    runner.subscribe(ProgressPrinter(sys.stderr))
-    job = runner.start("train", lambda ctx: train(cfg, ctx, resume=args.resume))
+    if processes.is_main:
+        runner.subscribe(ProgressPrinter(sys.stderr))
+    job = runner.start("train", lambda ctx: train(cfg, ctx, resume=args.resume, processes=processes))
     try:
         while not job.wait(0.5):
             pass
     except KeyboardInterrupt:
-        print("\nstopping: saving a checkpoint (Ctrl+C again to abort)", file=sys.stderr)
+        if processes.is_main:
+            print("\nstopping: saving a checkpoint (Ctrl+C again to abort)", file=sys.stderr)
         job.stop()
         job.wait()
+    processes.close()
     if job.error:
-        print(f"error: {job.error}", file=sys.stderr)
-        return 1
-    print(f"LoRA: {job.result.lora_path} (step {job.result.step})")
-    if job.result.losses:
-        print(f"loss and turbo-health curves: {job.result.lora_path.parent / 'loss.png'}")
+        # process 0 speaks for the job; another process only for a failure of its own
+        if processes.is_main or not isinstance(job.exception, DistributedError):
+            where = f"process {processes.rank}: " if processes.rank else ""
+            print(f"error: {where}{job.error}", file=sys.stderr)
+        return 2 if isinstance(job.exception, ZitError) else 1
+    if processes.is_main:
+        print(f"LoRA: {job.result.lora_path} (step {job.result.step})")
+        if job.result.losses:
+            print(f"loss and turbo-health curves: {job.result.lora_path.parent / 'loss.png'}")
     return 0
 
 

@@ -41,6 +41,11 @@ class ModelConfig:
         choices=("bf16", "fp16", "fp32"),
     )
     gradient_checkpointing: bool = _opt(True, "recompute activations in backward to save memory")
+    device: str = _opt(
+        "", "the device to train on: '' = the first CUDA GPU (else the CPU), or cpu, cuda:N; a multi-process "
+        "run takes each process's device from its launcher", pattern=r"^$|^cpu$|^cuda(:\d+)?$",
+        pattern_msg='must be "", "cpu", "cuda" or "cuda:N"',
+    )
     memory: str = _opt(
         "auto",
         "how the frozen base is held on the GPU: auto = the planner picks the first plan that fits; "

@@ -622,6 +622,25 @@ def build_cache(
     return CachedDataset(entries, empty_file)
 
 
+def encode_share(
+    dataset: Dataset,
+    cache_dir: str | os.PathLike[str],
+    encode_image: Callable[[torch.Tensor], Any],
+    encode_text: Callable[[list[str]], Sequence[Any]],
+    vae_id: str,
+    te_id: str,
+    rank: int,
+    world: int,
+    progress: Progress | None = None,
+) -> None:
+    """Process `rank` of `world` encodes its share of the cache misses (every world-th sample and caption;
+    process 0 also the empty caption); after a barrier `build_cache` finds everything cached."""
+    root = Path(cache_dir)
+    ensure_latents(dataset.samples[rank::world], root, encode_image, vae_id, progress)
+    captions = sorted({sample.image.caption for sample in dataset.samples})
+    ensure_text(captions[rank::world] + ([""] if rank == 0 else []), root, encode_text, te_id, progress)
+
+
 # ---- sampling ----------------------------------------------------------------------------------------
 
 

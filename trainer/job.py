@@ -64,6 +64,7 @@ class Job:
         self.name = name
         self.status = RUNNING
         self.error: str | None = None
+        self.exception: BaseException | None = None  # what ended the job when it failed
         self.result: Any = None
         self.started = time.time()
         self.finished: float | None = None
@@ -124,7 +125,10 @@ class Job:
                 status = STOPPED
         except BaseException as exc:  # noqa: BLE001 - the thread must always end with a status
             status, error = FAILED, describe_failure(exc)
-            log.error("job %s failed: %s\n%s", self.id, error, traceback.format_exc())
+            self.exception = exc
+            # the front end shows `error`; the traceback is for debug logs, never the terminal by default
+            log.info("job %s failed: %s", self.id, error)
+            log.debug("job %s failed:\n%s", self.id, traceback.format_exc())
         finally:
             free_memory()
         with self._lock:

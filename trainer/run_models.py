@@ -59,9 +59,16 @@ def file_identity(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def pick_device() -> torch.device:
-    """CUDA when there is one, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(name: str = "") -> torch.device:
+    """model.device: '' = CUDA when there is one, else CPU; "cpu", "cuda" or "cuda:N" as given, checked."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index or 0) >= count:
+            raise TrainingError(f"model.device = {name!r}: this machine has {count} CUDA device(s)")
+    return device
 
 
 @dataclass

@@ -23,14 +23,18 @@ from .objective import (
 def flow_matching_loss(model: nn.Module, latents: torch.Tensor, text_embeds: Sequence[torch.Tensor],
                        o: Any, generator: torch.Generator, device: torch.device, dg_scale: float,
                        autocast: Callable[[], AbstractContextManager],
-                       lora_off: Callable[[], AbstractContextManager]) -> torch.Tensor:
+                       lora_off: Callable[[], AbstractContextManager], rows: slice | None = None,
+                       global_batch: int | None = None) -> torch.Tensor:
     """Noise the latents at sigmas drawn by the objective config `o`, predict the velocity and compare it
     with noise - x0; with `dg_scale` the target moves away from the prediction with the trained LoRA off
-    (`lora_off()`): v + g (v - v_base)."""
+    (`lora_off()`): v + g (v - v_base). In a multi-process run the noise and sigmas are drawn for the
+    whole `global_batch` and these latents are its `rows`."""
     x0 = latents.to(device, torch.float32)
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    sigmas = sample_sigmas(o.timesteps, x0.shape[0], generator, shift=o.shift, mean=o.logit_mean,
-                           std=o.logit_std, jitter=o.turbo_jitter).to(device)
+    n = global_batch or x0.shape[0]
+    rows = rows or slice(0, n)
+    noise = torch.randn((n, *x0.shape[1:]), generator=generator)[rows].to(device)
+    sigmas = sample_sigmas(o.timesteps, n, generator, shift=o.shift, mean=o.logit_mean,
+                           std=o.logit_std, jitter=o.turbo_jitter)[rows].to(device)
     noisy, target = add_noise(x0, noise, sigmas), velocity_target(x0, noise)
     embeds = [e.to(device) for e in text_embeds]
     with autocast():

@@ -29,6 +29,7 @@ class Family:
 
     name: str
     how: str
+    assumed: bool = False  # nothing said which it is: Turbo was taken
 
     @property
     def distilled(self) -> bool:
@@ -92,7 +93,21 @@ def resolve_family(setting: str, path: str | Path) -> Family:
         if found:
             return Family(found[0], f"{NAMES[found[0]]} ({found[1]})")
         return Family("turbo", f"{NAMES['turbo']}, assumed: {path} does not say which Z-Image it is "
-                               "(set model.family if it is the base or De-Turbo)")
+                               "(set model.family if it is the base or De-Turbo)", assumed=True)
     if found and found[0] != setting:
         raise ModelLoadError(f"model.family = {setting!r}, but {path} is {NAMES[found[0]]}: {found[1]}")
     return Family(setting, f"{NAMES[setting]} (model.family)")
+
+
+def family_for_mode(family: Family, mode: str) -> Family:
+    """The family a run trains with under turbo.mode: "base" takes an undetected model as the base (the user
+    said so); a detected or set family that contradicts the mode is refused."""
+    if mode == "base" and family.assumed:
+        return Family("base", f"{NAMES['base']} (turbo.mode = base; the file does not say)")
+    if mode == "base" and family.distilled:
+        raise ModelLoadError(f'turbo.mode = "base" trains on Z-Image base or De-Turbo, but the model is '
+                             f"{family.how}: use turbo.mode = sft, adapter, adapter_dg or distill")
+    if mode != "base" and not family.distilled:
+        raise ModelLoadError(f'turbo.mode = "{mode}" is for Z-Image-Turbo, but the model is {family.how}: '
+                             'train it with turbo.mode = "base"')
+    return family
