@@ -27,10 +27,12 @@ import difflib
 import math
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .config_docs import allowed_values
 from .config_fields import (  # noqa: F401 - the config's public names live here too
     FIELDS,
     MEMORY_PLANS,
@@ -253,18 +255,40 @@ def _toml_value(value: Any) -> str:
     return _show(value)
 
 
+TOML_HEADER = (
+    "zit-trainer training config: every setting with its default. Train with",
+    "`python -m trainer train --config FILE`; keys left out keep their defaults.",
+    "Every setting, its allowed values and what it does: docs/training.md in the zit-trainer folder.",
+    "More: docs/turbo.md (turbo.mode), docs/memory.md (model.memory), docs/dialects.md (lora.save_dialect),",
+    "docs/block_weights.md, and the index docs/README.md.",
+)
+"""The comment `python -m trainer config` starts with (the docs it names are in the repository's docs/)."""
+_COMMENT_WIDTH = 108
+
+
+def _comment(text: str) -> list[str]:
+    """`text` as '# ' comment lines no wider than the project's line length."""
+    return [f"# {line}" for line in textwrap.wrap(text, _COMMENT_WIDTH, break_long_words=False,
+                                                  break_on_hyphens=False)]
+
+
 def config_to_toml(cfg: TrainConfig, comments: bool = True) -> str:
-    """The config as TOML text (with each field's doc as a comment unless comments=False)."""
-    lines: list[str] = []
+    """The config as TOML text; with comments, a header naming the docs, each section's and field's doc and
+    each field's allowed values (every choice listed)."""
+    lines: list[str] = [f"# {line}" for line in TOML_HEADER] if comments else []
     for name, values in config_to_dict(cfg).items():
         if lines:
             lines.append("")
         if comments:
-            lines.append(f"# {SECTIONS[name].__doc__}")
+            lines += _comment(SECTIONS[name].__doc__ or name)
         lines.append(f"[{name}]")
         for key, value in values.items():
             if comments:
-                lines.append(f"# {FIELDS[f'{name}.{key}'].doc}")
+                spec = FIELDS[f"{name}.{key}"]
+                lines += _comment(spec.doc)
+                allowed = allowed_values(spec)
+                if allowed not in ("text", "true or false"):
+                    lines += _comment(f"allowed: {allowed}")
             lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 

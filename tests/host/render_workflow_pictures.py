@@ -1,6 +1,6 @@
 """Render the README's picture of each workflow: docs/workflows/<stem>.png for every workflows/*.json.
 
-    COMFYUI_PATH=/work/comfyui /work/comfy-venv/bin/python tests/host/render_workflow_pictures.py [STEM ...]
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python tests/host/render_workflow_pictures.py [STEM ...]
 
 Not a test (pytest does not collect this file). It reuses the host tests' helpers: the tiny Z-Image files of
 conftest.py under the names the workflows use, a real ComfyUI started headless (--cpu) with this pack, and
