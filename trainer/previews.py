@@ -29,7 +29,10 @@ MARGIN_BYTES = 2 * 2**30
 
 def check_turbo_model(path: str, spec: ZitSpec) -> None:
     """Refuse, from headers only, a preview.turbo_model that is not a Z-Image-Turbo of the training sizes."""
-    found = checkpoint_spec(path)
+    try:
+        found = checkpoint_spec(path)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"preview.turbo_model = {path!r}: {e}") from None
     if found != spec:
         raise ModelLoadError(f"preview.turbo_model = {path!r}: its transformer sizes ({found.dim} wide, "
                              f"{found.n_layers} layers) differ from the training model's ({spec.dim}, "
