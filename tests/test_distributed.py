@@ -5,7 +5,8 @@ CLI on the tiny model.
   x batch 2 trained straight to step 4 (to fp32 rounding); only process 0 reports and writes;
 - a resume with another global batch is refused in one line (exit 2); the same global batch resumes;
 - a process killed mid-run ends the whole job, and its last checkpoint stays readable;
-- configs that differ between processes, and batches that cannot be split, are refused in one line.
+- configs that differ between processes, and batches that cannot be split, are refused in one line;
+- distill mode splits its teacher trajectories over the processes and trains on the shared cache.
 """
 
 from __future__ import annotations
@@ -188,3 +189,17 @@ def test_batches_that_cannot_be_split_are_refused(tmp_path):
                     "of the global batch 2 (batch_size 1 x 2 processes), so its last batch cannot be split "
                     "evenly; set data.drop_last = true or change data.batch_size, data.repeats or the number "
                     "of processes"]
+
+
+def test_distill_mode_splits_its_teacher_work_over_two_processes(tmp_path, images):
+    from trainer.demo import make_adapter
+
+    sft = make_adapter(tmp_path / "sft.safetensors", seed=3)
+    config = write_config(tmp_path / "run.toml", tmp_path, images, batch_size=1, steps=2,
+                          turbo__mode="distill", turbo__adapter=str(sft), turbo__teacher_steps=8,
+                          turbo__teacher_seeds=1)
+    result = torchrun("train", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "cache" / "trajectories").glob("*.safetensors"))) == 4  # 4 captions x 1 seed
+    assert (tmp_path / "run" / "run_merged.safetensors").is_file()
+    assert read_lora(tmp_path / "run" / "run.safetensors").metadata["zit.mode"] == "distill"

@@ -51,6 +51,11 @@ class Processes:
     def parallel(self) -> bool:
         return self.world > 1
 
+    @property
+    def share(self) -> tuple[int, int]:
+        """(rank, world): take every world-th item from rank on."""
+        return self.rank, self.world
+
     def rows(self, batch_size: int) -> slice:
         """This process's rows of a global batch of batch_size x world."""
         return slice(self.rank * batch_size, (self.rank + 1) * batch_size)
@@ -145,8 +150,8 @@ def check_split(bucket_sizes: dict[tuple[int, int], int], batch_size: int, world
 
 
 def check_parallel_run(cfg: Any, processes: Processes, config_text: str) -> None:
-    """What a multi-process run refuses before loading anything: a config that differs between processes,
-    and modes that draw per-process randomness (distill)."""
+    """What a multi-process run refuses before loading anything: a config that differs between processes, a
+    device chosen by hand."""
     if not processes.parallel:
         return
     differing = processes.ranks_differing(config_text)
@@ -156,9 +161,6 @@ def check_parallel_run(cfg: Any, processes: Processes, config_text: str) -> None
     if cfg.model.device:
         raise DistributedError(f"model.device = {cfg.model.device!r}: in a multi-process run each process "
                                "uses the device its launcher gives it; remove model.device")
-    if cfg.turbo.mode == "distill":
-        raise DistributedError('turbo.mode = "distill" runs on one process: its teacher trajectories and '
-                               "student draws are not split across processes yet")
 
 
 def resume_rule(saved: dict[str, Any] | None, global_batch: int, world: int) -> str | None:

@@ -61,7 +61,9 @@ class Trainer(RunSetup):
     def _micro_batch_loss(self) -> torch.Tensor:
         if self.trajectories is not None:
             t = self.cfg.turbo
-            latents, embeds = self.trajectories.batch(self.generator, self.cfg.data.batch_size, self.device)
+            rows = self.procs.rows(self.cfg.data.batch_size)  # this process's rows of the global batch
+            latents, embeds = self.trajectories.batch(self.generator, self.global_batch, self.device)
+            latents, embeds = latents[rows], embeds[rows]
             with self._autocast():
                 return distill_terms(self.model, latents, embeds, self.generator, t.rollout,
                                      t.rollout_weight).total

@@ -190,13 +190,22 @@ class RunSetup:
                    f"{t.teacher_seeds} seeds ({t.teacher_steps} steps, cfg {t.teacher_cfg:g})")
         teacher = teacher_identity(self.models.base_id, self.adapter, t.adapter_strength,
                                    self.cfg.model.dtype)
-        seed = self.cfg.optim.seed
-        with self._autocast():
-            return build_trajectories(
-                self.model, self.teacher_prompts, range(seed, seed + t.teacher_seeds),
-                self.empty_embed.to(self.device), self.cfg.cache_path, teacher,
-                TeacherSettings(t.teacher_steps, t.teacher_cfg), [] if self.continues_sft else [TRAINED],
-                lambda done, total: self._progress("trajectories", done, total))
+        seeds = range(self.cfg.optim.seed, self.cfg.optim.seed + t.teacher_seeds)
+        rank, world = self.procs.share
+        every = self.teacher_prompts
+        for prompts in ([every[rank::world], every] if world > 1 else [every]):
+            # several processes: each samples its share (maybe none), then all read the shared cache
+            if not prompts and prompts is not every:
+                self.procs.barrier()
+                continue
+            with self._autocast():
+                found = build_trajectories(
+                    self.model, prompts, seeds, self.empty_embed.to(self.device), self.cfg.cache_path,
+                    teacher, TeacherSettings(t.teacher_steps, t.teacher_cfg),
+                    [] if self.continues_sft else [TRAINED],
+                    lambda done, total: self._progress("trajectories", done, total))
+            self.procs.barrier()
+        return found
 
     def _prepare_health(self) -> TurboHealth | TeacherDistance | None:
         """The turbo-health meter: in distill mode the 8-step sample's distance to the teacher relative to
