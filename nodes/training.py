@@ -8,12 +8,12 @@ Where things go (names, not paths, reach the browser):
   output is `zit-trainer/<name>/<name>.safetensors`. Training states never enter the loras folder.
 
 The training job itself (its folders, its work on a thread, its VRAM reserve, waiting for it) is in
-nodes/training_job.py.
+nodes/training_job.py; the config the node builds (owned keys, advanced TOML, widget choices) in
+nodes/training_config.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import folder_paths
@@ -21,20 +21,27 @@ from comfy_api.latest import io, ui
 
 from . import jobs
 from .dataset import CATEGORY, WORK_FOLDER, ZitDataset, ZitDatasetType
+from .training_config import (  # noqa: F401 - OWNED and the choices are read by the host tests from here
+    DEFAULT_DEVICE,
+    FAMILY,
+    MEMORY,
+    NONE,
+    OPTIMIZERS,
+    OWNED,
+    TURBO,
+    USES_ADAPTER,
+    Settings,
+    build_config,
+    parse_advanced,
+    prompt_lines,
+)
 from .training_job import fresh_name, lora_name, make_run, runs_root, wait_with_progress
 
 ZitJobType = io.Custom("ZIT_JOB")
-NONE = "none"
-# Kept in step with trainer.config's choices (a host test checks), so importing the pack stays light.
-TURBO = ("adapter", "adapter_dg", "sft", "distill", "base")
-USES_ADAPTER = ("adapter", "adapter_dg", "distill")
-FAMILY = ("auto", "turbo", "base", "deturbo")
 FAMILY_TIP = (
     "Which Z-Image the model input is. auto: what its file says (metadata, a diffusers folder's scheduler), "
     "else Turbo (the log says it was assumed). base: the non-distilled Z-Image; deturbo: Z-Image-De-Turbo; "
     "both train with turbo 'base'. A choice the file contradicts is refused.")
-OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor")
-MEMORY = ("auto", "bf16", "fp8", "bf16_swap", "fp8_swap", "nf4", "int8")
 MEMORY_TIP = (
     "How the frozen base sits on the GPU. auto: the planner picks the first plan that fits the free VRAM "
     "(bf16, then bf16 with block swap, then fp8 with block swap; set [model] memory_preference = \"speed\" "
@@ -51,7 +58,6 @@ TURBO_TIP = (
     "trains a distill LoRA that makes it sample in 8 steps at cfg 1 (saved alone and merged with the SFT "
     "LoRA as <name>_merged). base: plain LoRA on Z-Image base or De-Turbo (set family), previewed de-turbo; "
     "to also preview it on Turbo at 8 steps, set [preview] turbo_model = \"<path>\" in advanced.")
-DEFAULT_DEVICE = "default"
 
 
 def device_choices() -> list[str]:
@@ -63,32 +69,6 @@ def device_choices() -> list[str]:
 
 
 ADVANCED_EXAMPLE = "# e.g.\n# [optim]\n# scheduler = \"cosine\"\n# warmup_steps = 100\n"
-SET_BY_DATASET = "the ZIT Dataset node"
-OWNED = {  # config keys the node sets from its inputs; advanced may not set them
-    "model.transformer": "the model input (its file)",
-    "model.text_encoder": "the dataset's text encoder",
-    "model.vae": "the dataset's VAE",
-    "model.gradient_checkpointing": "the gradient_checkpointing input",
-    "model.memory": "the memory input",
-    "model.family": "the family input",
-    "model.device": "the device input",
-    **{f"data.{key}": SET_BY_DATASET for key in ("dataset", "caption", "trigger", "caption_ext",
-                                                 "missing_caption", "bad_image", "min_side", "resolutions",
-                                                 "recursive", "cache_dir")},
-    "data.batch_size": "the batch_size input",
-    "lora.rank": "the rank input",
-    "turbo.mode": "the turbo input",
-    "turbo.adapter": "the adapter input",
-    "optim.optimizer": "the optimizer input",
-    "optim.lr": "the learning_rate input",
-    "optim.steps": "the steps input",
-    "optim.seed": "the seed input",
-    "save.output_dir": "the node (runs live in <output>/zit-trainer/runs)",
-    "save.name": "the name input",
-    "save.every": "the save_every input",
-    "preview.prompts": "the preview_prompts input",
-    "preview.every": "the preview_every input",
-}
 
 
 def adapter_choices() -> tuple[list[str], str]:
@@ -97,80 +77,6 @@ def adapter_choices() -> tuple[list[str], str]:
     pick = next((n for n in names if "training_adapter" in n.lower()), None)
     pick = pick or next((n for n in names if "adapter" in n.lower()), NONE)
     return [NONE, *names], pick
-
-
-# ---- the config ------------------------------------------------------------------------------------------
-
-
-def parse_advanced(text: str) -> dict[str, dict[str, Any]]:
-    """The advanced TOML as {section: {key: value}}; ConfigError listing every bad, unknown or owned key."""
-    from ..trainer.config import ConfigError, check_field, tomllib
-
-    source = "advanced settings"
-    try:
-        raw = tomllib.loads(text or "")
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
-    errors: list[str] = []
-    for section, values in raw.items():
-        items = values.items() if isinstance(values, dict) else [(None, values)]
-        for key, value in items:
-            dotted = section if key is None else f"{section}.{key}"
-            if dotted in OWNED:
-                errors.append(f"{dotted} is set by {OWNED[dotted]}; remove it from the advanced settings")
-                continue
-            try:
-                check_field(dotted, value)
-            except ConfigError as exc:
-                errors.extend(exc.errors)
-    if errors:
-        raise ConfigError(source, errors)
-    return raw
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The node's widgets that go into the config."""
-
-    name: str
-    turbo: str
-    adapter: str | None  # file path
-    steps: int
-    learning_rate: float
-    rank: int
-    optimizer: str
-    batch_size: int
-    gradient_checkpointing: bool
-    memory: str
-    family: str
-    device: str
-    save_every: int
-    preview_prompts: tuple[str, ...]
-    preview_every: int
-    seed: int
-    advanced: str
-
-
-def build_config(s: Settings, transformer: str, data: ZitDataset) -> Any:
-    """The validated TrainConfig of the node's inputs, the dataset's settings and the advanced TOML."""
-    from ..trainer.config import config_from_dict
-
-    overrides = parse_advanced(s.advanced)
-    base: dict[str, dict[str, Any]] = {
-        "model": {"transformer": transformer, "text_encoder": data.te_file or f"<ComfyUI CLIP {data.te_id}>",
-                  "vae": data.vae_file or f"<ComfyUI VAE {data.vae_id}>",
-                  "gradient_checkpointing": s.gradient_checkpointing, "memory": s.memory,
-                  "family": s.family, "device": "" if s.device == DEFAULT_DEVICE else s.device},
-        "data": {**data.data, "batch_size": s.batch_size},
-        "lora": {"rank": s.rank, "alpha": float(s.rank)},
-        "turbo": {"mode": s.turbo, **({"adapter": s.adapter or ""} if s.turbo in USES_ADAPTER else {})},
-        "optim": {"optimizer": s.optimizer, "lr": s.learning_rate, "steps": s.steps, "seed": s.seed},
-        "save": {"output_dir": str(runs_root()), "name": s.name, "every": s.save_every},
-        "preview": {"every": s.preview_every if s.preview_prompts else 0, "prompts": list(s.preview_prompts)},
-    }
-    for section, values in overrides.items():
-        base.setdefault(section, {}).update(values)
-    return config_from_dict(base, source="ZIT Train")
 
 
 # ---- the nodes -------------------------------------------------------------------------------------------
@@ -193,10 +99,6 @@ def _model_file(model: Any) -> str:
                        "directly; choose the training adapter with the turbo and adapter inputs")
     checkpoint_spec(source.path)  # a trainable Z-Image transformer (not fp8, GGUF, Nunchaku, Flux, ...)
     return source.path
-
-
-def _prompts(text: str) -> tuple[str, ...]:
-    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
 
 
 class ZITTrain(io.ComfyNode):
@@ -252,9 +154,13 @@ class ZITTrain(io.ComfyNode):
                     "every preview_every steps; empty = no previews.")),
                 io.Int.Input("preview_every", default=250, min=0, max=1000000, tooltip=(
                     "Sample the preview prompts every N steps (0 = never).")),
-                io.Int.Input("seed", default=42, min=0, max=2**63 - 1, control_after_generate=True, tooltip=(
-                    "Seed of the run (LoRA init, noise, timesteps, data order). The frontend gives every "
-                    "seed a control-after-generate widget: declared here so saved workflows line up.")),
+                # "fixed" (what io.ControlAfterGenerate.fixed, a str enum, is on newer ComfyUI): the
+                # frontend's default for a seed is "randomize", which would make re-queuing retrain.
+                io.Int.Input("seed", default=42, min=0, max=2**63 - 1, control_after_generate="fixed",
+                             tooltip=(
+                    "Seed of the run (LoRA init, noise, timesteps, data order). Its control-after-generate "
+                    "widget starts at fixed, so queuing the same prompt again does not start a new run with "
+                    "another seed; set it to randomize or increment to train variants.")),
                 io.Boolean.Input("wait", default=False, tooltip=(
                     "Block this prompt until training ends (progress on the node, Cancel stops the job). "
                     "Off: return at once and let the queue run other prompts while it trains.")),
@@ -331,7 +237,7 @@ class ZITTrain(io.ComfyNode):
             name = fresh_name(name)
         settings = Settings(name, turbo, adapter_file, steps, learning_rate, rank, optimizer, batch_size,
                             gradient_checkpointing, memory, family, device, save_every,
-                            _prompts(preview_prompts),
+                            prompt_lines(preview_prompts),
                             preview_every, seed, advanced)
         cfg = build_config(settings, transformer, dataset)
         if cfg.preview.every and dataset.vae_file is None:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer import loop, run_models, sampling, step_loss, tiny
+from trainer import loop, run_models, run_setup, sampling, step_loss, tiny
 from trainer.checkpoint import find_latest_checkpoint
 from trainer.cli import main as cli_main
 from trainer.config import ConfigError, TrainConfig, config_from_dict, config_to_toml
@@ -341,7 +341,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("got past the input checks")
 
-    monkeypatch.setattr(loop, "open_models", refuse)
+    monkeypatch.setattr(run_setup, "open_models", refuse)
     monkeypatch.setattr(Trainer, "train_step", refuse)
 
 

@@ -12,7 +12,8 @@ import dataclasses
 import hashlib
 import importlib.util
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from .memory import (
 )
 from .model import load_text_encoder, load_transformer, load_vae
 from .model.quantize import quantize_transformer
+from .model.text_encoder import COMFYUI_TOKENIZER, comfyui_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -84,12 +86,36 @@ class Models:
     vae_factory: Any
 
 
-def _text_encoder_source(cfg: TrainConfig) -> tuple[Path, Path | None]:
+COMFYUI_ENV = "COMFYUI_PATH"
+"""A ComfyUI checkout whose Qwen tokenizer serves a single-file text encoder (the CLI's --comfyui sets it)."""
+
+
+def comfyui_checkout(env: Mapping[str, str] | None = None) -> Path | None:
+    """COMFYUI_PATH when set, else the ComfyUI this package sits in as a custom node (when it has the Qwen
+    tokenizer), else None."""
+    env = os.environ if env is None else env
+    if env.get(COMFYUI_ENV):
+        return Path(env[COMFYUI_ENV])
+    pack = Path(__file__).absolute().parent.parent  # <ComfyUI>/custom_nodes/<pack>/trainer/run_models.py
+    home = pack.parent.parent
+    return home if pack.parent.name == "custom_nodes" and home.joinpath(*COMFYUI_TOKENIZER).is_dir() else None
+
+
+def text_encoder_source(cfg: TrainConfig, comfyui: Path | None = None) -> tuple[Path, Path | None]:
+    """The text encoder's path and, for a single file, its tokenizer folder: a `tokenizer` folder beside the
+    file, else the Qwen tokenizer of the ComfyUI checkout `comfyui` (refused in one line when it has none),
+    else None (loading it then asks for one). A diffusers folder brings its own (None)."""
     path = Path(cfg.model.text_encoder or cfg.model.transformer)
-    if path.is_file():
-        tokenizer = path.parent / "tokenizer"
-        return path, tokenizer if tokenizer.is_dir() else None
-    return path, None
+    if not path.is_file():
+        return path, None
+    beside = path.parent / "tokenizer"
+    if beside.is_dir():
+        return path, beside
+    if comfyui is None:
+        return path, None
+    tokenizer = comfyui_tokenizer(comfyui)
+    log.info("text encoder %s: tokenizer from the ComfyUI checkout, %s", path.name, tokenizer)
+    return path, tokenizer
 
 
 OpenModels = Callable[[TrainConfig, torch.device, MemoryPlan], Models]
@@ -118,7 +144,6 @@ def _open_transformer(cfg: TrainConfig, device: torch.device,
 def open_models(cfg: TrainConfig, device: torch.device, plan: MemoryPlan) -> Models:
     """Load the job's private transformer now; the text encoder and VAE only when the cache needs them."""
     dtype = DTYPES[cfg.model.dtype]
-    model, base_id = _open_transformer(cfg, device, plan)
     if cfg.model.transformer == "tiny":
         from .tiny import tiny_text_encoder, tiny_vae
 
@@ -126,11 +151,12 @@ def open_models(cfg: TrainConfig, device: torch.device, plan: MemoryPlan) -> Mod
         vae_factory = lambda: _to(tiny_vae(0), device)  # noqa: E731
         ids = ("tiny-vae-0", "tiny-te-0")
     else:
-        te_path, tokenizer = _text_encoder_source(cfg)
+        te_path, tokenizer = text_encoder_source(cfg, comfyui_checkout())  # a bad checkout: refused first
         vae_path = Path(cfg.model.vae or cfg.model.transformer)
         te_factory = lambda: load_text_encoder(te_path, dtype, device, tokenizer=tokenizer)  # noqa: E731
         vae_factory = lambda: load_vae(vae_path, dtype, device)  # noqa: E731
         ids = (file_identity(vae_path), file_identity(te_path))
+    model, base_id = _open_transformer(cfg, device, plan)
     return Models(model, LazyEncoder(lambda: _vae_encoder(vae_factory())),
                   LazyEncoder(lambda: te_factory().encode), base_id, *ids, vae_factory)
 

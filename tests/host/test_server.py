@@ -28,6 +28,7 @@ from conftest import (
     PromptError,
     inproc,
     ui_to_api,
+    widget_names,
 )
 
 PACK_MODULE = "custom_nodes.zit-trainer"
@@ -41,7 +42,7 @@ EXPECTED_WORKFLOWS = {"zit_turbo_lora_distillpatch", "zit_deturbo_training_adapt
                       "zit_block_weight_exploration", "zit_lora_merge", "zit_train_adapter_turbo",
                       "zit_train_sft_distillpatch", "zit_train_sft_distill_turbo",
                       "zit_train_base_sample_turbo", "zit_base_fun_distill_8steps"}
-IMPORT_BUDGET_S = 0.2
+IMPORT_BUDGET_S = 0.1  # the pack alone measured 29-54 ms on the dev machine
 CPU_STEPS = 2
 CPU_SIDE = 64
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
@@ -155,6 +156,19 @@ def test_every_node_has_category_description_and_tooltips(comfy: ComfyClient):
     assert not problems, "\n".join(problems)
 
 
+def test_train_seed_control_starts_fixed(comfy: ComfyClient):
+    """ZIT Train's seed widget starts at 'fixed' (the frontend's seed default, 'randomize', would make
+    re-queuing a prompt start a new run), and every workflow stores 'fixed' after its ZIT Train seed."""
+    spec = comfy.object_info["ZITTrain"]["input"]["required"]["seed"]
+    assert spec[1].get("control_after_generate") == "fixed", spec
+    names = widget_names(comfy.object_info["ZITTrain"])
+    at = sum(2 if control else 1 for _, control in names[: [n for n, _ in names].index("seed")])
+    stored = {path.name: node["widgets_values"][at + 1] for path in WORKFLOW_FILES
+              for node in json.loads(path.read_text())["nodes"] if node["type"] == "ZITTrain"}
+    assert stored, "no workflow has a ZIT Train node"
+    assert set(stored.values()) == {"fixed"}, stored
+
+
 MEASURE = """\
 import asyncio, json, sys, time
 from pathlib import Path
@@ -162,19 +176,25 @@ sys.path.insert(0, {host!r})
 import _comfy_inproc as host
 host.prepare(Path({root!r}))
 import folder_paths, nodes  # what ComfyUI has imported before it loads custom nodes
+start = time.perf_counter()
+# load_custom_node imports ComfyUI's pyproject parser (pydantic-settings) for whichever pack it loads
+# first, and that pack pays for it: ComfyUI's cost, not ours, so it is paid here on a stand-in pack.
+from comfy_config import config_parser
+config_parser.extract_node_configuration({warm!r})
+comfy_first_pack = time.perf_counter() - start
 before = set(sys.modules)
 start = time.perf_counter()
 ok = asyncio.run(nodes.load_custom_node({pack!r}, module_parent="custom_nodes"))
 seconds = time.perf_counter() - start
 pack = sys.modules[{pack!r}.replace(".", "_x_")]
 new = sorted({{m.split(".")[0] for m in set(sys.modules) - before}} - {{{pack!r}.replace(".", "_x_")}})
-print("RESULT " + json.dumps({{"ok": ok, "seconds": seconds, "new_modules": new,
-                               "v1_mappings": hasattr(pack, "NODE_CLASS_MAPPINGS")}}))
+print("RESULT " + json.dumps({{"ok": ok, "seconds": seconds, "comfy_first_pack": comfy_first_pack,
+                               "new_modules": new, "v1_mappings": hasattr(pack, "NODE_CLASS_MAPPINGS")}}))
 """
 
 
-def _measure_import(comfyui_root: Path, pack: Path) -> dict:
-    code = MEASURE.format(host=str(HOST_DIR), root=str(comfyui_root), pack=str(pack))
+def _measure_import(comfyui_root: Path, pack: Path, warm: Path) -> dict:
+    code = MEASURE.format(host=str(HOST_DIR), root=str(comfyui_root), pack=str(pack), warm=str(warm))
     run = subprocess.run([sys.executable, "-c", code], cwd=comfyui_root, capture_output=True, text=True,
                          timeout=300)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
@@ -184,15 +204,21 @@ def _measure_import(comfyui_root: Path, pack: Path) -> dict:
 
 def test_import_time_added_to_startup(comfyui_root: Path, tmp_path: Path):
     """Time nodes.load_custom_node(pack) (import + comfy_entrypoint + node list + schemas) after ComfyUI's own
-    imports, as at start-up; best of two runs (the first may compile .pyc files)."""
+    imports and its one-off pyproject-parser import (paid by whichever pack loads first, so not ours), as at
+    start-up; best of three runs (the first may compile .pyc files; other processes may load the machine)."""
     pack = tmp_path / "custom_nodes" / "zit-trainer"
     pack.parent.mkdir()
     pack.symlink_to(REPO, target_is_directory=True)
-    runs = [_measure_import(comfyui_root, pack) for _ in range(2)]
+    warm = tmp_path / "stand-in-pack"
+    warm.mkdir()
+    (warm / "pyproject.toml").write_text('[project]\nname = "stand-in"\nversion = "0.1.0"\n')
+    runs = [_measure_import(comfyui_root, pack, warm) for _ in range(3)]
     best = min(r["seconds"] for r in runs)
     each = ", ".join(f"{r['seconds'] * 1000:.1f} ms" for r in runs)
+    comfy = min(r["comfy_first_pack"] for r in runs)
     REPORT.append(f"import time: the pack adds {best * 1000:.1f} ms to ComfyUI's start-up (best of {each}; "
-                  f"budget {IMPORT_BUDGET_S * 1000:.0f} ms); newly imported: {runs[-1]['new_modules']}")
+                  f"budget {IMPORT_BUDGET_S * 1000:.0f} ms; ComfyUI's own first-pack parser import, not "
+                  f"counted: {comfy * 1000:.1f} ms); newly imported: {runs[-1]['new_modules']}")
     assert all(r["ok"] for r in runs)
     assert not runs[-1]["v1_mappings"], "NODE_CLASS_MAPPINGS exported: ComfyUI would ignore the V3 entrypoint"
     heavy = {"diffusers", "peft", "accelerate", "bitsandbytes"} & set(runs[-1]["new_modules"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,15 @@ from .headers import (
     _quantization,
     read_header,
 )
+
+log = logging.getLogger(__name__)
+
+ZIT_PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+"""A prompt as ZImagePipeline gives it to Qwen3: one user turn and the assistant's opening (what Qwen3's chat
+template renders with enable_thinking; ComfyUI's Z-Image text encoder writes the same turn)."""
+COMFYUI_TOKENIZER = ("comfy", "text_encoders", "qwen25_tokenizer")
+"""Where a ComfyUI checkout keeps the Qwen tokenizer its Z-Image text encoder uses (Qwen3's vocabulary)."""
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 QWEN3_4B: dict = {
     "vocab_size": 151936,
@@ -46,9 +56,12 @@ class TextEncoder:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 512
+    template: str | None = None  # ZIT_PROMPT for a tokenizer whose own chat template renders another turn
 
     def chat_prompts(self, prompts: Sequence[str]) -> list[str]:
         """Each prompt as one user turn of the chat template, generation prompt added, thinking enabled."""
+        if self.template is not None:
+            return [self.template.format(p) for p in prompts]
         return [
             self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True, enable_thinking=True)
@@ -127,19 +140,47 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+def comfyui_tokenizer(checkout: PathLike) -> Path:
+    """The Qwen tokenizer folder of a ComfyUI checkout (or of a portable install's folder holding ComfyUI/);
+    ModelLoadError naming the checkout and the files looked for when it has none."""
+    root = Path(checkout).expanduser()
+    for base in (root, root / "ComfyUI"):
+        folder = base.joinpath(*COMFYUI_TOKENIZER)
+        if all((folder / name).is_file() and (folder / name).stat().st_size > 0 for name in TOKENIZER_FILES):
+            return folder
+    raise ModelLoadError(f"{root}: not a ComfyUI checkout with its Qwen tokenizer (looked for "
+                         f"{'/'.join(COMFYUI_TOKENIZER)}/ with {', '.join(TOKENIZER_FILES)})")
+
+
+def prompt_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """None when the tokenizer's chat template renders a prompt as ZIT_PROMPT does (Qwen3's, with thinking);
+    else ZIT_PROMPT, e.g. for ComfyUI's Qwen2.5 tokenizer, whose template adds a default system turn."""
+    probe = "a photo of a fox"
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False,
+                                                 add_generation_prompt=True, enable_thinking=True)
+    except Exception:  # noqa: BLE001 - no chat template, or one that fails: the fixed turn is ZIT's anyway
+        rendered = None
+    return None if rendered == ZIT_PROMPT.format(probe) else ZIT_PROMPT
+
+
 def load_text_encoder(
     path: PathLike,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     tokenizer: PathLike | None = None,
 ) -> TextEncoder:
-    """Load Qwen3 + tokenizer offline from a diffusers folder, or a single file plus a `tokenizer` folder."""
+    """Load Qwen3 + tokenizer offline from a diffusers folder, or a single file plus a `tokenizer` folder
+    (a diffusers tokenizer/ or a ComfyUI checkout's, see `comfyui_tokenizer`). Prompts are templated as
+    ZImagePipeline does whatever chat template the tokenizer folder carries (`prompt_template`)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: file not found")
     if path.is_file():
         if tokenizer is None:
-            raise ModelLoadError(f"{path.name}: a single-file text encoder needs a tokenizer folder")
+            raise ModelLoadError(f"{path.name}: a single-file text encoder needs a tokenizer folder: put one "
+                                 "named tokenizer beside it, or give a ComfyUI checkout (--comfyui PATH or "
+                                 "COMFYUI_PATH) to use its Qwen tokenizer")
         model = _load_qwen_file(path, dtype, device)
         tok_folder = Path(tokenizer)
     else:
@@ -148,7 +189,11 @@ def load_text_encoder(
             raise ModelLoadError(f"{te_folder}: not a Qwen3 text encoder")
         model = Qwen3Model.from_pretrained(str(te_folder), dtype=dtype, local_files_only=True).to(device)
         tok_folder = Path(tokenizer) if tokenizer is not None else tok_folder
-    return TextEncoder(model.requires_grad_(False).eval(), _load_tokenizer(tok_folder))
+    tok = _load_tokenizer(tok_folder)
+    template = prompt_template(tok)
+    if template is not None:
+        log.info("%s: its chat template does not render ZIT's prompt turn; using the fixed turn", tok_folder)
+    return TextEncoder(model.requires_grad_(False).eval(), tok, template=template)
 
 
 
