@@ -23,6 +23,7 @@ DEFAULT_DEVICE = "default"
 
 SET_BY_DATASET = "the ZIT Dataset node"
 OWNED = {  # config keys the node sets from its inputs; advanced may not set them
+    "log.tensorboard": "the command line only (in ComfyUI the ZIT panel charts the run)",
     "model.transformer": "the model input (its file)",
     "model.text_encoder": "the dataset's text encoder",
     "model.vae": "the dataset's VAE",

@@ -62,7 +62,7 @@ def test_every_field_has_doc_and_valid_default() -> None:
     for spec in FIELDS.values():
         assert spec.doc, spec.dotted
         assert check_field(spec.dotted, spec.default) == spec.default
-    assert set(SECTIONS) == {"model", "data", "lora", "turbo", "objective", "optim", "save", "preview"}
+    assert set(SECTIONS) == {"model", "data", "lora", "turbo", "objective", "optim", "save", "preview", "log"}
 
 
 def test_config_error_is_a_value_error_and_zit_error() -> None:

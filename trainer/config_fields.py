@@ -97,10 +97,10 @@ class DataConfig:
     min_side: int = _opt(256, "images with a shorter side are skipped (or refused, see bad_image)", ge=1)
     resolutions: tuple[int, ...] = _opt(
         (1024,),
-        "training resolutions (bucket areas of side^2 pixels)",
+        "training resolutions (bucket areas of side^2 pixels; at least the bucket step, 64)",
         item=int,
         min_len=1,
-        ge=16,
+        ge=64,
         le=4096,
         multiple_of=16,
     )
@@ -276,6 +276,17 @@ class PreviewConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """What a run reports besides its console lines and loss.png."""
+
+    tensorboard: bool = _opt(
+        False, "also log loss, smoothed loss, lr, it/s, GPU memory, turbo health and the previews for "
+        "TensorBoard in <save.output_dir>/<save.name>/tensorboard (command line; needs `pip install "
+        "tensorboard`)",
+    )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole training run."""
 
@@ -287,6 +298,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def run_dir(self) -> Path:

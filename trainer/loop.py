@@ -212,6 +212,7 @@ class Trainer(RunSetup):
         if self.losses and self.procs.is_main:
             meter = self.health
             loss_curve_png(self.losses, self.run_dir / "loss.png", health=self.health_history,
+                           first_step=self.step - len(self.losses) + 1,
                            threshold=meter.threshold if meter else None, scale=meter.scale if meter else "")
         return TrainResult(final, self.step, self.losses, stopped, self.previews, self.health_history)
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from ..plots import font, nice_ticks
 from .canonical import Lora, LoraError
 from .merge import factor_svdvals
 from .spec import BASE, COMPONENTS, ModuleKey, ZitSpec
@@ -142,18 +143,24 @@ def heatmap_size(n_rows: int) -> tuple[int, int]:
     return width, MARGIN + TITLE_H + HEADER_H + n_rows * CELL + FOOTER_H + MARGIN
 
 
-def _centered(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, fill) -> None:
-    draw.text(xy, text, font=font, fill=fill, anchor="mm")
+def _centered(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, face, fill) -> None:
+    draw.text(xy, text, font=face, fill=fill, anchor="mm")
 
 
-def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, height: int, lo: float, hi: float, font) -> None:
+def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, height: int, lo: float, hi: float,
+                label: str) -> None:
+    """The colour scale from lo (bottom) to hi (top), round tick values and the metric's short name."""
     for j in range(height):
         draw.line([(x, y + j), (x + BAR_W - 1, y + j)], fill=colour(1 - j / max(1, height - 1)))
     draw.rectangle([x, y, x + BAR_W - 1, y + height - 1], outline=_INK)
-    for frac in (0.0, 0.5, 1.0):
-        ty = y + round((1 - frac) * (height - 1))
+    draw.text((x, y - 8), label, font=font(12), fill=_INK, anchor="ls")
+    ticks = [t for t in nice_ticks(lo, hi, 6) if lo <= t <= hi]
+    for v in sorted({lo, hi, *ticks}):
+        ty = y + round((1 - (v - lo) / (hi - lo)) * (height - 1))
+        if v not in (lo, hi) and min(abs(v - lo), abs(hi - v)) / (hi - lo) < 0.06:
+            continue  # a round tick right next to an end label would print over it
         draw.line([(x + BAR_W, ty), (x + BAR_W + 3, ty)], fill=_INK)
-        draw.text((x + BAR_W + 6, ty), f"{lo + frac * (hi - lo):.3g}", font=font, fill=_INK, anchor="lm")
+        draw.text((x + BAR_W + 6, ty), f"{v:.3g}", font=font(11), fill=_INK, anchor="lm")
 
 
 def _footer(stats: Stats) -> str:
@@ -181,23 +188,24 @@ def heatmap_png(source: Lora | Stats, path: str | Path | None = None, metric: st
     hi = hi if hi > lo else lo + 1.0
 
     image = Image.new("RGB", heatmap_size(len(blocks)), _PAPER)
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    draw.text((MARGIN, MARGIN + TITLE_H // 2), f"{label} per block x component", font=font, fill=_INK,
+    draw, small = ImageDraw.Draw(image), font(11)
+    draw.text((MARGIN, MARGIN + TITLE_H // 2), f"{label} per block x component", font=font(13), fill=_INK,
               anchor="lm")
     x0, y0 = MARGIN + LABEL_W, MARGIN + TITLE_H + HEADER_H
-    for j, comp in enumerate(COMPONENTS):
-        _centered(draw, (x0 + j * CELL + CELL / 2, y0 - HEADER_H / 2), comp, font, _INK)
+    for j, comp in enumerate(COMPONENTS):  # 10 px: "adaLN" just fits its 24 px column
+        _centered(draw, (x0 + j * CELL + CELL / 2, y0 - HEADER_H / 2), comp, font(10), _INK)
     for i, block in enumerate(blocks):
         y = y0 + i * CELL
-        draw.text((x0 - 4, y + CELL / 2), block, font=font, fill=_INK, anchor="rm")
+        draw.text((x0 - 4, y + CELL / 2), block, font=font(12), fill=_INK, anchor="rm")
         for j, comp in enumerate(COMPONENTS):
             v = values.get((block, comp))
             fill = _MISSING if v is None else colour((v - lo) / (hi - lo))
             x = x0 + j * CELL
             draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=fill, outline=_PAPER)
     grid_h = len(blocks) * CELL
-    _colour_bar(draw, x0 + len(COMPONENTS) * CELL + BAR_GAP, y0, grid_h, lo, hi, font)
-    draw.text((MARGIN, y0 + grid_h + FOOTER_H // 2), _footer(stats), font=font, fill=_INK, anchor="lm")
+    _colour_bar(draw, x0 + len(COMPONENTS) * CELL + BAR_GAP, y0, grid_h, lo, hi,
+                {"effective_rank": "erank"}.get(metric, metric))
+    draw.text((MARGIN, y0 + grid_h + FOOTER_H // 2), _footer(stats), font=small, fill=_INK, anchor="lm")
     if path is not None:
         image.save(path, format="PNG")
     return image
