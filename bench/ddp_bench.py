@@ -1,17 +1,17 @@
 """Data-parallel throughput: samples/s of 1 process against 2 processes on the same global batch.
 
 Both runs train the tiny Z-Image model through the real CLI on the same generated images (64 px, fp32, no
-previews or saves): `python -m trainer train` with data.batch_size = 2 and OMP_NUM_THREADS = 2 (one process
-using both cores), and `torchrun --standalone --nproc_per_node 2 -m trainer train` with data.batch_size = 1
-and OMP_NUM_THREADS = 1 per process (what `accelerate launch --multi_gpu --num_processes 2` starts). Each
+previews or saves): `python -m trainer train` with data.batch_size = 2, and `torchrun --standalone
+--nproc_per_node 2 -m trainer train` with data.batch_size = 1 (what `accelerate launch --multi_gpu
+--num_processes 2` starts). Every process gets OMP_NUM_THREADS = --threads (default 1: one core per
+process, as one GPU per process; on a shared 2-core machine more threads per process mostly wait). Each
 run's speed is its own reported it/s (a rolling window over the last 20 steps, so start-up and caching are
 left out) x the global batch. The two runs alternate for --rounds rounds and the medians are compared.
 
-On a GPU machine run it with one device per process to see the real scaling; on a 2-core CPU both runs
-share the same two cores, so the ratio there shows the cost of the gradient all-reduce and the per-process
-overhead, not a speed-up.
+On a GPU machine run it with one device per process to see the real scaling; on a CPU the ratio shows
+how the second process (on the second core) scales after the gradient all-reduce and its own overhead.
 
-Run: python bench/ddp_bench.py [--steps N] [--rounds N] [--size PX]
+Run: python bench/ddp_bench.py [--steps N] [--rounds N] [--size PX] [--threads N]
 """
 
 from __future__ import annotations
@@ -67,24 +67,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         images = make_dataset(root / "images", n=8, size=args.size)
-        one = write_config(root / "one.toml", root / "one", images, 2, args.steps, args.size)
-        two = write_config(root / "two.toml", root / "two", images, 1, args.steps, args.size)
-        single_cmd = [sys.executable, "-m", "trainer", "train", "--config", str(one)]
-        ddp_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "trainer", "train", "--config", str(two)]
         singles, pairs = [], []
-        for r in range(args.rounds):
-            singles.append(2 * it_per_s(run(single_cmd, threads=2)))
-            pairs.append(2 * it_per_s(run(ddp_cmd, threads=1)))
+        for r in range(args.rounds):  # a fresh output folder each round (runs are never overwritten)
+            one = write_config(root / "one.toml", root / f"one{r}", images, 2, args.steps, args.size)
+            two = write_config(root / "two.toml", root / f"two{r}", images, 1, args.steps, args.size)
+            single_cmd = [sys.executable, "-m", "trainer", "train", "--config", str(one)]
+            ddp_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       "-m", "trainer", "train", "--config", str(two)]
+            singles.append(2 * it_per_s(run(single_cmd, threads=args.threads)))
+            pairs.append(2 * it_per_s(run(ddp_cmd, threads=args.threads)))
             print(f"round {r + 1}: 1 process x batch 2: {singles[-1]:.1f} samples/s; "
                   f"2 processes x batch 1: {pairs[-1]:.1f} samples/s", flush=True)
     a, b = statistics.median(singles), statistics.median(pairs)
     print(f"median samples/s: 1 process {a:.1f}, 2 processes {b:.1f}; ratio 2/1 = {b / a:.2f} "
-          f"({os.cpu_count()} CPU cores shared by both runs)")
+          f"({args.threads} thread(s) per process, {os.cpu_count()} CPU cores)")
 
 
 if __name__ == "__main__":
