@@ -173,7 +173,7 @@ def test_allowed_values_in_words() -> None:
     assert allowed_values(FIELDS["data.caption_dropout"]) == "a number, 0 <= x < 1"
     assert allowed_values(FIELDS["lora.alpha"]) == "a number, x > 0"
     assert allowed_values(FIELDS["data.resolutions"]) == (
-        "a non-empty list of integers, each 16 <= x <= 4096, a multiple of 16")
+        "a non-empty list of integers, each 64 <= x <= 4096, a multiple of 16")
     assert allowed_values(FIELDS["optim.betas"]) == "a list of exactly 2 numbers, each 0 <= x < 1"
     assert allowed_values(FIELDS["model.vram"]).startswith('text that must be a size such as "12GB"')
     assert allowed_values(FIELDS["optim.ema"]) == "true or false"

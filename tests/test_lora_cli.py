@@ -37,7 +37,7 @@ def test_inspect_prints_table_and_writes_heatmap(files, tmp_path, capsys):
 
 def test_convert_keeps_dw(files, tmp_path):
     out = tmp_path / "c.safetensors"
-    assert main(["lora", "convert", str(files[1]), str(out), "--to", "diffusers"]) == 0
+    assert main(["lora", "convert", str(files[1]), "-o", str(out), "--to", "diffusers"]) == 0
     before, after = deltas(files[1]), deltas(out)
     assert before.keys() == after.keys()
     for k in before:
@@ -46,7 +46,7 @@ def test_convert_keeps_dw(files, tmp_path):
 
 def test_scale_applies_ratio_blocks_and_components(files, tmp_path):
     out = tmp_path / "s.safetensors"
-    argv = ["lora", "scale", str(files[0]), str(out), "--ratio", "0.5", "--blocks", "L15=0,NR=2",
+    argv = ["lora", "scale", str(files[0]), "-o", str(out), "--ratio", "0.5", "--blocks", "L15=0,NR=2",
             "--components", "adaLN=0"]
     assert main(argv) == 0
     w = resolve("L15=0,NR=2", "adaLN=0", 0.5)
@@ -58,17 +58,18 @@ def test_scale_applies_ratio_blocks_and_components(files, tmp_path):
 
 def test_scale_requires_ratio(files, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["lora", "scale", str(files[0]), str(tmp_path / "x.safetensors")])
+        main(["lora", "scale", str(files[0]), "-o", str(tmp_path / "x.safetensors")])
     assert exc.value.code == 2 and "--ratio" in capsys.readouterr().err
 
 
 def test_merge_exact_and_svd(files, tmp_path):
     exact, svd = tmp_path / "m.safetensors", tmp_path / "m8.safetensors"
-    assert main(["lora", "merge", str(exact), *map(str, files), "--ratio", "0.7", "--ratio", "0.3"]) == 0
+    argv = ["lora", "merge", *map(str, files), "-o", str(exact), "--ratio", "0.7", "--ratio", "0.3"]
+    assert main(argv) == 0
     a, b, m = deltas(files[0]), deltas(files[1]), deltas(exact)
     for k in m:
         torch.testing.assert_close(m[k], 0.7 * a[k] + 0.3 * b.get(k, 0), atol=1e-6, rtol=1e-4)
-    assert main(["lora", "merge", str(svd), *map(str, files), "--mode", "svd", "--rank", "6"]) == 0
+    assert main(["lora", "merge", *map(str, files), "-o", str(svd), "--mode", "svd", "--rank", "6"]) == 0
     assert max(read_lora(svd).ranks()) == 6  # modules whose exact sum has rank 4 keep 4
 
 
@@ -76,9 +77,10 @@ def test_merge_exact_and_svd(files, tmp_path):
     "argv, words",
     [
         (["lora", "inspect", "missing.safetensors"], "missing.safetensors"),
-        (["lora", "scale", "{a}", "{out}", "--ratio", "1", "--blocks", "L40=1"], "L40"),
-        (["lora", "merge", "{out}", "{a}", "{b}", "--ratio", "1", "--ratio", "2", "--ratio", "3"], "--ratio"),
-        (["lora", "merge", "{out}", "{a}", "--mode", "svd"], "--rank"),
+        (["lora", "scale", "{a}", "-o", "{out}", "--ratio", "1", "--blocks", "L40=1"], "L40"),
+        (["lora", "merge", "{a}", "{b}", "-o", "{out}", "--ratio", "1", "--ratio", "2", "--ratio", "3"],
+         "--ratio"),
+        (["lora", "merge", "{a}", "-o", "{out}", "--mode", "svd"], "--rank"),
         (["lora", "inspect", "{junk}"], "junk.safetensors"),
     ],
 )
@@ -97,3 +99,18 @@ def test_module_entry_point_runs(files):
                           capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr
     assert "comfy" in proc.stdout
+
+
+def test_the_older_positional_output_and_overwrite(files, tmp_path):
+    """`convert IN OUT` still works and writes what `convert IN -o OUT` writes; `--overwrite` may replace an
+    existing file, even the input itself (read first, then written atomically)."""
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    assert main(["lora", "convert", str(files[0]), str(old), "--to", "comfy"]) == 0
+    assert main(["lora", "convert", str(files[0]), "-o", str(new), "--to", "comfy"]) == 0
+    assert deltas(old).keys() == deltas(new).keys()
+    for k, d in deltas(new).items():
+        torch.testing.assert_close(deltas(old)[k], d)
+    before = deltas(files[0])
+    assert main(["lora", "scale", str(files[0]), "-o", str(files[0]), "--ratio", "2", "--overwrite"]) == 0
+    for k, d in deltas(files[0]).items():
+        torch.testing.assert_close(d, 2 * before[k])

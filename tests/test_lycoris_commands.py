@@ -160,7 +160,8 @@ def report_rows(out: str) -> dict[str, tuple[str, float]]:
 def test_convert_full_rank_reproduces_dw(lyco, capsys, tmp_path):
     path, dense, _ = lyco
     out_path = tmp_path / "full.safetensors"
-    code, out, err = run(capsys, "lora", "convert", str(path), str(out_path), "--rank", "64", "--to", "comfy")
+    code, out, err = run(capsys, "lora", "convert", str(path), "-o", str(out_path), "--rank", "64", "--to",
+                         "comfy")
     assert code == 0, err
     assert "LoKr 2, LoHa 1, full diff 1 -> LoRA by SVD (rank 64; kept rank 8..64)" in out
     lora = read_lora(out_path)
@@ -176,7 +177,7 @@ def test_convert_full_rank_reproduces_dw(lyco, capsys, tmp_path):
 def test_convert_low_rank_reports_the_svd_error(lyco, capsys, tmp_path, argv):
     path, dense, s = lyco
     out_path = tmp_path / "low.safetensors"
-    code, out, err = run(capsys, "lora", "convert", str(path), str(out_path), *argv)
+    code, out, err = run(capsys, "lora", "convert", str(path), "-o", str(out_path), *argv)
     assert code == 0, err
     rank = int(argv[argv.index("--rank") + 1]) if "--rank" in argv else None
     energy = float(argv[argv.index("--energy") + 1]) if "--energy" in argv else None
@@ -200,7 +201,7 @@ def test_convert_low_rank_reports_the_svd_error(lyco, capsys, tmp_path, argv):
 def test_scale_and_merge_take_lycoris_inputs(lyco, capsys, tmp_path):
     path, dense, _ = lyco
     scaled = tmp_path / "scaled.safetensors"
-    code, out, err = run(capsys, "lora", "scale", str(path), str(scaled), "--ratio", "0.5",
+    code, out, err = run(capsys, "lora", "scale", str(path), "-o", str(scaled), "--ratio", "0.5",
                          "--blocks", "NR=0", "--components", "k=3", "--rank", "64")
     assert code == 0, err
     assert "-> LoRA by SVD (rank 64; kept rank 8..64)" in out
@@ -212,15 +213,15 @@ def test_scale_and_merge_take_lycoris_inputs(lyco, capsys, tmp_path):
     other = random_lora(4, keys=[Q, ("L05", "w2")], seed=3)
     write_lora(other, plain, dialect="kohya")
     merged = tmp_path / "merged.safetensors"
-    code, out, err = run(capsys, "lora", "merge", str(merged), str(path), str(plain), "--ratio", "0.7",
+    code, out, err = run(capsys, "lora", "merge", str(path), str(plain), "-o", str(merged), "--ratio", "0.7",
                          "--ratio", "0.3", "--rank", "64")
     assert code == 0, err
     m = read_lora(merged).modules
     assert set(m) == {Q, K, ADALN, EMB, ("L05", "w2")}
     want_q = 0.7 * dense[Q] + 0.3 * other.modules[Q].delta().double()
     assert rel(m[Q].delta(), want_q) < 3e-6 and rel(m[ADALN].delta(), 0.7 * dense[ADALN]) < 3e-6
-    code, out, err = run(capsys, "lora", "merge", str(merged), str(path), str(plain), "--mode", "svd",
-                         "--rank", "8")
+    code, out, err = run(capsys, "lora", "merge", str(path), str(plain), "-o", str(merged), "--overwrite",
+                         "--mode", "svd", "--rank", "8")
     assert code == 0, err
     assert "-> LoRA by SVD (rank 8; kept rank 8)" in out and max(read_lora(merged).ranks()) == 8
 
@@ -228,15 +229,17 @@ def test_scale_and_merge_take_lycoris_inputs(lyco, capsys, tmp_path):
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["convert", "{lyco}", "{out}"], ["{lyco}", "LoKr 2, LoHa 1, full diff 1", "--rank N or --energy F"]),
-        (["scale", "{lyco}", "{out}", "--ratio", "1"], ["{lyco}", "--rank N"]),
-        (["merge", "{out}", "{plain}", "{lyco}"], ["{lyco}", "--rank N"]),
-        (["convert", "{plain}", "{out}", "--rank", "4"], ["{plain}", "plain LoRA", "--mode svd"]),
-        (["convert", "{lyco}", "{out}", "--rank", "4", "--from", "kohya"], ["{lyco}", "'kohya'"]),
-        (["convert", "{lyco}", "{out}", "--energy", "1.5"], ["--energy 1.5", "(0, 1]"]),
-        (["convert", "{lyco}", "{out}", "--rank", "0"], ["--rank 0"]),
-        (["merge", "{out}", "{plain}", "--rank", "4"], ["--mode svd"]),
-        (["merge", "{out}", "{lyco}", "--mode", "svd", "--rank", "4", "--energy", "0.5"], ["exactly one"]),
+        (["convert", "{lyco}", "-o", "{out}"],
+         ["{lyco}", "LoKr 2, LoHa 1, full diff 1", "--rank N or --energy F"]),
+        (["scale", "{lyco}", "-o", "{out}", "--ratio", "1"], ["{lyco}", "--rank N"]),
+        (["merge", "{plain}", "{lyco}", "-o", "{out}"], ["{lyco}", "--rank N"]),
+        (["convert", "{plain}", "-o", "{out}", "--rank", "4"], ["{plain}", "plain LoRA", "--mode svd"]),
+        (["convert", "{lyco}", "-o", "{out}", "--rank", "4", "--from", "kohya"], ["{lyco}", "'kohya'"]),
+        (["convert", "{lyco}", "-o", "{out}", "--energy", "1.5"], ["--energy 1.5", "(0, 1]"]),
+        (["convert", "{lyco}", "-o", "{out}", "--rank", "0"], ["--rank 0"]),
+        (["merge", "{plain}", "-o", "{out}", "--rank", "4"], ["--mode svd"]),
+        (["merge", "{lyco}", "-o", "{out}", "--mode", "svd", "--rank", "4", "--energy", "0.5"],
+         ["exactly one"]),
     ],
 )
 def test_refusals_exit_2_with_one_line(lyco, capsys, tmp_path, argv, words):
@@ -254,7 +257,7 @@ def test_read_lora_refuses_lycoris_with_what_to_do(lyco):
     with pytest.raises(LoraError) as e:
         read_lora(lyco[0])
     msg = str(e.value)
-    assert "\n" not in msg and str(lyco[0]) in msg and "lora convert IN OUT --rank N" in msg
+    assert "\n" not in msg and str(lyco[0]) in msg and "lora convert IN -o OUT --rank N" in msg
     assert isinstance(read_any(lyco[0]), DeltaFile)
 
 
@@ -306,7 +309,7 @@ def test_fun_distill_and_musubi_names_read_with_alpha_over_rank(tmp_path, capsys
     assert {m.rank for k, m in lora.modules.items() if k[0] == "L00"} == {128}
     check_scale(lora, want)
     out_path = tmp_path / "comfy.safetensors"
-    code, out, err = run(capsys, "lora", "convert", str(path), str(out_path), "--to", "comfy",
+    code, out, err = run(capsys, "lora", "convert", str(path), "-o", str(out_path), "--to", "comfy",
                          "--dtype", "fp32")
     assert code == 0, err
     assert "23 modules written as comfy" in out

@@ -300,10 +300,27 @@ def _parse_toml(text: str, source: str) -> dict[str, Any]:
         raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
 
 
+def read_config_text(path: str | Path) -> str:
+    """A config file's text (UTF-8, a leading byte-order mark allowed); ConfigError naming the file when it
+    is missing, a folder, unreadable or not UTF-8."""
+    from .files import os_reason
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), [os_reason(exc)]) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        why = f"not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8"
+        raise ConfigError(str(path), [why]) from None
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """Read and validate a TOML training config file."""
-    path = Path(path)
-    return config_from_dict(_parse_toml(path.read_text(encoding="utf-8"), str(path)), source=str(path))
+    return config_from_dict(_parse_toml(read_config_text(path), str(path)), source=str(path))
 
 
 def apply_overrides(cfg: TrainConfig, toml_text: str, source: str = "advanced settings") -> TrainConfig:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from .model import predict_velocity
 from .objective import inference_sigmas
+from .sheets import labelled_grid
 
 LATENT_CHANNELS = 16
 VAE_FACTOR = 8
@@ -66,15 +67,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p.numpy(), "RGB") for p in pixels]
 
 
-def grid(rows: Sequence[Sequence[Image.Image]], pad: int = 2) -> Image.Image:
-    """Paste rows of equal-size images into one picture (rows: e.g. sampler settings; columns: prompts)."""
-    w, h = rows[0][0].size
-    n_cols = max(len(r) for r in rows)
-    out = Image.new("RGB", (n_cols * (w + pad) + pad, len(rows) * (h + pad) + pad), (32, 32, 32))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            out.paste(image, (pad + j * (w + pad), pad + i * (h + pad)))
-    return out
+def grid(rows: Sequence[Sequence[Image.Image]], pad: int = 2, *, title: str = "",
+         row_labels: Sequence[str] = (), col_labels: Sequence[str] = ()) -> Image.Image:
+    """Paste rows of equal-size images into one picture (rows: e.g. sampler settings; columns: prompts),
+    labelled with `title`, `row_labels` and `col_labels` when given (see trainer.sheets)."""
+    return labelled_grid(rows, title=title, row_labels=row_labels, col_labels=col_labels, pad=pad)
 
 
 def preview_rows(p: Any, distilled: bool = True) -> list[SamplerSettings]:
@@ -90,8 +87,12 @@ def preview_rows(p: Any, distilled: bool = True) -> list[SamplerSettings]:
 @torch.no_grad()
 def preview_grid(rows: Sequence[tuple[torch.nn.Module, SamplerSettings]], vae: Any,
                  embeds: Sequence[torch.Tensor], empty: torch.Tensor, seeds: Sequence[int], width: int,
-                 height: int) -> Image.Image:
-    """One row of decoded samples per (model, sampler setting), one column per prompt and seed."""
+                 height: int, *, title: str = "", prompts: Sequence[str] = ()) -> Image.Image:
+    """One row of decoded samples per (model, sampler setting), one column per prompt and seed; with
+    `prompts` the sheet is labelled: `title` on top, the prompts above the columns, each row's settings."""
     dtype = next(vae.model.parameters()).dtype
-    return grid([to_pil(vae.decode(sample_latents(model, embeds, empty, seeds, width, height, r).to(dtype)))
-                 for model, r in rows])
+    images = [to_pil(vae.decode(sample_latents(model, embeds, empty, seeds, width, height, r).to(dtype)))
+              for model, r in rows]
+    if not prompts:
+        return grid(images, title=title)
+    return grid(images, title=title, row_labels=[r.label for _, r in rows], col_labels=prompts)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
 from .lora.spec import ZitSpec
 from .model import FLUX_VAE, QWEN3_4B, TextEncoder, Vae, build_transformer, to_comfy_state_dict
+from .model.headers import ModelLoadError, _check_shapes
 
 # Real structure (2 noise + 2 context refiners, adaLN, 16 latent channels, patch 2), toy widths.
 TINY_SPEC = ZitSpec(dim=64, n_layers=3, n_refiner_layers=2, n_heads=4, cap_feat_dim=32, in_channels=16)
@@ -34,7 +35,9 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-TINY_VAE: dict = {**FLUX_VAE, "block_out_channels": [32, 32, 32, 32], "sample_size": 64}
+TINY_VAE: dict = {**FLUX_VAE, "block_out_channels": [32, 32, 32, 32], "norm_num_groups": 8, "sample_size": 64}
+TINY_VAE_FILE = Path(__file__).resolve().parent / "assets" / "tiny_vae.safetensors"
+"""TINY_VAE trained by scripts/train_tiny_vae.py (fp16): tiny_vae(0) really reconstructs pictures."""
 
 
 def tiny_qwen_config(vocab_size: int) -> Qwen3Config:
@@ -91,8 +94,23 @@ def tiny_text_encoder(seed: int = 0) -> TextEncoder:
     return TextEncoder(model, tokenizer)
 
 
+def trained_tiny_vae(path: Path = TINY_VAE_FILE) -> AutoencoderKL:
+    """The TINY_VAE autoencoder with the trained weights of `path` (fp16 on disk), float32, eval."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: the tiny VAE's weights are missing (run scripts/train_tiny_vae.py)")
+    with torch.device("meta"):
+        model = AutoencoderKL.from_config(TINY_VAE)
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    _check_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, path.name)
+    model.load_state_dict(state, assign=True)
+    return model.requires_grad_(False).eval()
+
+
 def tiny_vae(seed: int = 0) -> Vae:
-    """The tiny Flux-structured VAE (16 latent channels, 8x down, ZIT scale/shift), float32, seeded."""
+    """The tiny Flux-structured VAE (16 latent channels, 8x down, ZIT scale/shift), float32: seed 0 is the
+    trained one (trained_tiny_vae: it really reconstructs pictures), other seeds random but deterministic."""
+    if seed == 0:
+        return Vae(trained_tiny_vae())
     return Vae(_seeded(lambda: AutoencoderKL.from_config(TINY_VAE), seed))
 
 

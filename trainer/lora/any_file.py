@@ -74,7 +74,7 @@ def to_lora(item: Lora | DeltaFile, source: str | os.PathLike, rank: int | None 
     if isinstance(item, Lora):
         if rank is not None or energy is not None:
             raise LoraError(f"{source}: a plain LoRA; --rank/--energy only convert LoKr/LoHa/diff files (to "
-                            f"resize a LoRA: `lora merge OUT {source} --mode svd --rank N`)")
+                            f"resize a LoRA: `lora merge {source} -o OUT --mode svd --rank N`)")
         return item, None
     if rank is None and energy is None:
         raise LoraError(f"{source}: a LyCORIS file ({kinds_text(item)}); {TARGET_HINT}")

@@ -40,8 +40,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..files import atomic_write
-from .canonical import Lora, LoraError, LoraModule
+from ..files import atomic_write, open_error
+from .canonical import Lora, LoraError, LoraModule, all_finite
 from .spec import (
     BASE_MODULES,
     COMFY_SUFFIX,
@@ -93,7 +93,7 @@ _ROLES: dict[str, str] = {
 }
 
 # What a LoRA reader says of a LyCORIS (LoKr / LoHa / diff) file: the commands read it, a LoRA reader cannot.
-_CONVERT_HINT = ("not a plain LoRA; `python -m trainer lora convert IN OUT --rank N` (or `--energy F`) "
+_CONVERT_HINT = ("not a plain LoRA; `python -m trainer lora convert IN -o OUT --rank N` (or `--energy F`) "
                  "turns it into one")
 # Key patterns of files we refuse, with what they are.
 _FOREIGN: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), what) for p, what in (
@@ -366,8 +366,8 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    except FileNotFoundError as e:
-        raise LoraError(f"{path}: no such file") from e
+    except FileNotFoundError as e:  # safetensors says this for a file it may not open too
+        raise LoraError(f"{path}: {open_error(path) or 'no such file'}") from e
     except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise LoraError(f"{path}: not a readable .safetensors file (truncated or another format): {e}") from e
 
@@ -418,10 +418,25 @@ def _metadata_str(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _not_finite(module: str, source: torch.Tensor, dtype: torch.dtype) -> str:
+    """Why a module cannot be written: Inf/NaN already in it, or values too large for the output dtype."""
+    name = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    if not all_finite(source.detach()):
+        return (f"module {module!r}: its weights are not finite (Inf/NaN), e.g. after scaling by too large a "
+                "ratio; nothing written")
+    peak = float(source.detach().abs().max())
+    return (f"module {module!r}: a value of {peak:.4g} does not fit {name} (largest "
+            f"{torch.finfo(dtype).max:.4g}); write it as bf16 or fp32, or scale it down; nothing written")
+
+
 def lora_to_state_dict(
     lora: Lora, dialect: str = "aitoolkit", dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict and safetensors metadata of `lora` in `dialect` (alpha = rank where it has alphas)."""
+    """The state dict and safetensors metadata of `lora` in `dialect` (alpha = rank where it has alphas);
+    LoraError naming the module when a value is not finite or does not fit `dtype` (no Inf/NaN is written)."""
     if dialect not in _LAYOUTS:
         raise LoraError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
     if not lora.modules:
@@ -431,17 +446,19 @@ def lora_to_state_dict(
     sd: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
 
-    def put(key: str, t: torch.Tensor) -> None:
-        t = t.detach().to("cpu", dtype or t.dtype).contiguous()
-        if t.data_ptr() in seen:  # safetensors refuses tensors that share memory
-            t = t.clone()
-        seen.add(t.data_ptr())
-        sd[key] = t
+    def put(key: str, t: torch.Tensor, module: str) -> None:
+        cast = t.detach().to("cpu", dtype or t.dtype).contiguous()
+        if cast.is_floating_point() and not all_finite(cast):
+            raise LoraError(_not_finite(module, t, cast.dtype))
+        if cast.data_ptr() in seen:  # safetensors refuses tensors that share memory
+            cast = cast.clone()
+        seen.add(cast.data_ptr())
+        sd[key] = cast
 
     for name, m in _entries(lora, layout.fused):
         base = layout.prefix + (name.replace(".", "_") if layout.underscore else name)
-        put(base + layout.a, m.a)
-        put(base + layout.b, m.b)
+        put(base + layout.a, m.a, name)
+        put(base + layout.b, m.b, name)
         if layout.alpha:
             sd[base + ".alpha"] = torch.tensor(float(m.rank))
     metadata = {k: _metadata_str(v) for k, v in lora.metadata.items() if k not in _RESERVED}
@@ -469,7 +486,10 @@ def write_lora(
         if dtype not in _DTYPES:
             raise LoraError(f"{path}: unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
         dtype = _DTYPES[dtype]
-    sd, meta = lora_to_state_dict(lora, dialect, dtype)
+    try:
+        sd, meta = lora_to_state_dict(lora, dialect, dtype)
+    except LoraError as e:
+        raise LoraError(f"{path}: {e}") from None
     extra = {k: _metadata_str(v) for k, v in (metadata or {}).items() if k not in _RESERVED}
     meta = {**meta, **extra}
     def save(tmp: Path) -> None:
