@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from test_distill_mode import Events
 from test_loop import SIZE, make_config
 
 from trainer.config import ConfigError
@@ -83,16 +84,6 @@ def test_family_and_mode_must_agree(tmp_path, sections, words):
     sections = {"model": {"family": "turbo"}, **sections} if "model" not in sections else sections
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         make_config(tmp_path, tmp_path, **sections)
-
-
-class Events:
-    stop_requested = False
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, dict]] = []
-
-    def emit(self, kind: str, **data) -> None:
-        self.seen.append((kind, data))
 
 
 @pytest.fixture(scope="module")
