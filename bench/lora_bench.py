@@ -22,10 +22,11 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from trainer.lora.blocks import apply_weights, resolve  # noqa: E402
-from trainer.lora.formats import lora_to_state_dict, read_lora, write_lora  # noqa: E402
+from trainer.lora.formats import read_lora  # noqa: E402
 from trainer.lora.merge import merge_exact  # noqa: E402
 from trainer.lora.spec import MAIN_BLOCKS, ZIT  # noqa: E402
 from trainer.lora.synth import random_lora  # noqa: E402
+from trainer.lora.writing import lora_to_state_dict, write_lora  # noqa: E402
 
 
 def timed(fn, repeat: int) -> float:

@@ -55,7 +55,7 @@ def _dtype(name: str) -> str | None:
 def _save_new(lora: Any, prefix: str, dialect: str, dtype: str | None) -> str:
     """Write `lora` to a new file in the first loras folder (never overwriting); returns its picker name."""
     from ..trainer.errors import ZitError
-    from ..trainer.lora.formats import write_lora
+    from ..trainer.lora.writing import write_lora
 
     root = Path(folder_paths.get_folder_paths("loras")[0]).resolve()
     rel = prefix.strip().replace("\\", "/").removesuffix(".safetensors")

@@ -43,9 +43,10 @@ from trainer.demo import make_dataset
 from trainer.errors import ZitError
 from trainer.lora.any_file import read_any
 from trainer.lora.blocks import resolve
-from trainer.lora.formats import read_lora, write_lora
+from trainer.lora.formats import read_lora
 from trainer.lora.spec import ZIT, diffusers_name
 from trainer.lora.synth import random_lora
+from trainer.lora.writing import write_lora
 from trainer.tiny import TINY_SPEC
 
 REPO = Path(__file__).resolve().parents[1]
@@ -299,6 +300,8 @@ TRAIN_CASES = {
                          ["circle_00.png", "not a readable image"]),
     "every image too small": ({"data.dataset": "{world}/small"}, [], ["small", "too small", "min_side=32"]),
     "caption not UTF-8": ({"data.dataset": "{world}/badcap"}, [], ["circle_00.txt", "not UTF-8"]),
+    "batch larger than every bucket": ({"data.batch_size": 64, "data.drop_last": True}, [],
+                                       ["data.drop_last = true", "batch 64", "no batch to train on"]),
 }
 
 

@@ -34,9 +34,10 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils.other import get_pattern_key  # noqa: E402
 
 from trainer.lora.canonical import Lora  # noqa: E402
-from trainer.lora.formats import DIALECTS, lora_to_state_dict, read_lora  # noqa: E402
+from trainer.lora.formats import DIALECTS, read_lora  # noqa: E402
 from trainer.lora.spec import BASE, BASE_MODULES, COMPONENTS, ZIT, ZitSpec, comfy_name, diffusers_name  # noqa: E402
 from trainer.lora.synth import random_lora  # noqa: E402
+from trainer.lora.writing import lora_to_state_dict  # noqa: E402
 
 TINY = ZitSpec(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=32)
 COMFY_RENAMED_BASE = {name for name, comfy in BASE_MODULES.items() if comfy != name}

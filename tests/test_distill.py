@@ -26,9 +26,10 @@ from trainer.distill_cache import (
     trajectory_key,
     trajectory_path,
 )
-from trainer.lora.formats import read_lora, write_lora
+from trainer.lora.formats import read_lora
 from trainer.lora.spec import diffusers_name
 from trainer.lora.synth import random_lora
+from trainer.lora.writing import write_lora
 from trainer.model import (
     adapters_disabled,
     attach_frozen_adapter,

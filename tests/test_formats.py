@@ -21,12 +21,11 @@ from trainer.lora.formats import (
     DIALECTS,
     detect_dialect,
     lora_from_state_dict,
-    lora_to_state_dict,
     read_lora,
-    write_lora,
 )
 from trainer.lora.spec import BASE, BASE_MODULES, COMPONENTS, ZIT, ZitSpec, diffusers_name
 from trainer.lora.synth import random_lora
+from trainer.lora.writing import lora_to_state_dict, write_lora
 
 DIM = ZIT.dim
 KEYS = [

@@ -22,7 +22,7 @@ from trainer.health import (
     turbo_x0_predictions,
 )
 from trainer.loop import ADAPTER, Trainer
-from trainer.lora.formats import write_lora
+from trainer.lora.writing import write_lora
 from trainer.model import adapters_disabled, attach_frozen_adapter, inject_lora, predict_velocity
 from trainer.objective import add_noise, flow_loss, inference_sigmas, sample_shifted, velocity_target
 from trainer.sampling import TURBO, sample_latents

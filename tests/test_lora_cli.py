@@ -9,9 +9,10 @@ import torch
 
 from trainer.cli import main
 from trainer.lora.blocks import resolve
-from trainer.lora.formats import read_lora, write_lora
+from trainer.lora.formats import read_lora
 from trainer.lora.spec import ZIT
 from trainer.lora.synth import random_lora
+from trainer.lora.writing import write_lora
 
 KEYS = [k for k in ZIT.module_keys() if k[0] in ("L00", "L15", "L29", "NR0", "CR1")]
 

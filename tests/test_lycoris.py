@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 
 from trainer.lora.canonical import LoraError
-from trainer.lora.formats import read_lora, write_lora
+from trainer.lora.formats import read_lora
 from trainer.lora.lycoris import (
     delta_from_state_dict,
     delta_to_lora,
@@ -24,6 +24,7 @@ from trainer.lora.lycoris import (
     read_delta_file,
 )
 from trainer.lora.spec import ZIT, ZitSpec
+from trainer.lora.writing import write_lora
 
 D, H = ZIT.dim, ZIT.ffn_hidden  # 3840, 10240
 SMALL = ZitSpec(dim=96, n_layers=2, n_refiner_layers=1, n_heads=4, cap_feat_dim=32)  # ffn 256

@@ -21,10 +21,11 @@ import torch
 from trainer.cli import main
 from trainer.lora.any_file import delta_stats, read_any
 from trainer.lora.canonical import LoraError
-from trainer.lora.formats import read_lora, write_lora
+from trainer.lora.formats import read_lora
 from trainer.lora.lycoris import DeltaFile
 from trainer.lora.spec import ZIT
 from trainer.lora.synth import random_lora
+from trainer.lora.writing import write_lora
 
 D = ZIT.dim  # 3840
 Q, K = ("L00", "q"), ("L00", "k")

@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from trainer import model as M
-from trainer.lora.formats import read_lora, write_lora
+from trainer.lora.formats import read_lora
 from trainer.lora.spec import ZitSpec
+from trainer.lora.writing import write_lora
 from trainer.model.adapters import _lora_layers as lora_layers
 from trainer.model.checkpoint_quant import QuantLayout, checkpoint_layout, quant_layout
 from trainer.model.headers import read_header_and_metadata

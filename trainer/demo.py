@@ -53,9 +53,9 @@ def make_dataset(folder: Path, n: int = 8, size: int = 128, seed: int = 0, centr
 
 def make_adapter(path: Path, seed: int = 7) -> Path:
     """A stand-in for the ZIT training adapter: a small random LoRA on the tiny model (ai-toolkit style)."""
-    from .lora.formats import write_lora
     from .lora.spec import MAIN_BLOCKS
     from .lora.synth import random_lora
+    from .lora.writing import write_lora
     from .tiny import TINY_SPEC
 
     keys = [k for k in TINY_SPEC.module_keys() if k[0] in MAIN_BLOCKS]

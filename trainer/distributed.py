@@ -136,10 +136,18 @@ def start_processes() -> Processes:
 
 def check_split(bucket_sizes: dict[tuple[int, int], int], batch_size: int, world: int,
                 drop_last: bool) -> None:
-    """Refuse a dataset whose batches cannot be split evenly over the processes (partial batches)."""
+    """Refuse, before the model loads, a dataset that gives no batch at all (every bucket smaller than the
+    global batch with drop_last) or whose batches cannot be split evenly over the processes."""
+    glob = batch_size * world
+    if drop_last and bucket_sizes and all(n < glob for n in bucket_sizes.values()):
+        sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(bucket_sizes.items()))
+        per = f" (batch_size {batch_size} x {world} processes)" if world > 1 else ""
+        raise DistributedError(
+            f"data.drop_last = true and every bucket has fewer samples per epoch than the batch {glob}{per} "
+            f"({sizes}), so there is no batch to train on; lower data.batch_size, raise data.repeats or set "
+            "data.drop_last = false")
     if world == 1 or drop_last:
         return
-    glob = batch_size * world
     for (w, h), n in sorted(bucket_sizes.items()):
         if n % glob:
             raise DistributedError(

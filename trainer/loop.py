@@ -23,7 +23,7 @@ from .distill import distill_terms, merge_sft_and_distill
 from .distributed import SINGLE, Processes
 from .files import atomic_write
 from .job import JobContext
-from .lora.formats import write_lora
+from .lora.writing import write_lora
 from .model import adapter_disabled, adapters_disabled, lora_from_peft
 from .plots import loss_curve_png
 from .previews import preview_model_rows

@@ -38,6 +38,7 @@ from .model import attach_frozen_adapter, inject_lora, load_lora_into_peft
 from .model.family import family_for_mode, resolve_family
 from .model.swap import BlockSwap
 from .optim import Ema, build_optimizer, build_scheduler
+from .preflight import check_output_folders
 from .previews import check_turbo_model
 from .run_models import (
     OpenModels,
@@ -73,6 +74,7 @@ class RunSetup:
         if processes.parallel:
             self._log(parallel_summary(cfg, processes))
         self.run_dir, self.global_batch = Path(cfg.run_dir), cfg.data.batch_size * processes.world
+        check_output_folders(cfg)  # a folder it cannot write is refused before anything loads
         self.state = self._state_to_resume(resume, cfg.save.name) if resume else None
         # refused here, before any folder or weight
         self.plan = plan or plan_run_memory(cfg, self.device, dataset, self._emit)

@@ -226,9 +226,9 @@ def _write_clip_l(comfyui: Path, path: Path) -> None:
 
 
 def _write_loras(spec: Any, loras: Path) -> None:
-    from trainer.lora.formats import write_lora
     from trainer.lora.spec import BASE
     from trainer.lora.synth import random_lora
+    from trainer.lora.writing import write_lora
 
     for name, (seed, dialect, adaln) in LORAS.items():
         keys = [k for k in spec.module_keys() if k[0] != BASE and (adaln or k[1] != "adaLN")]
@@ -240,9 +240,9 @@ def _write_fun_distill(spec: Any, path: Path) -> None:
     """A base distill LoRA as alibaba-pai ships it: kohya names with a double underscore, alpha per layer."""
     from safetensors.torch import load_file, save_file
 
-    from trainer.lora.formats import write_lora
     from trainer.lora.spec import BASE
     from trainer.lora.synth import random_lora
+    from trainer.lora.writing import write_lora
 
     keys = [k for k in spec.module_keys() if k[0] != BASE]
     write_lora(random_lora(rank=4, spec=spec, keys=keys, seed=5), path, "kohya", "bf16")

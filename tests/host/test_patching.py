@@ -35,7 +35,7 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 from zit_trainer_pack.nodes import ZitExtension, adapters, lora_nodes, patching  # noqa: E402
 from zit_trainer_pack.trainer.errors import ZitError  # noqa: E402
-from zit_trainer_pack.trainer.lora import formats  # noqa: E402
+from zit_trainer_pack.trainer.lora import formats, writing  # noqa: E402
 from zit_trainer_pack.trainer.lora.canonical import Lora  # noqa: E402
 from zit_trainer_pack.trainer.lora.inspect import heatmap_png, stats_table  # noqa: E402
 from zit_trainer_pack.trainer.lora.spec import BASE, ZitSpec, comfy_name, diffusers_name  # noqa: E402
@@ -92,7 +92,7 @@ def loras(tmp_path_factory):
     folder_paths.filename_list_cache.pop("loras", None)
 
     def write(name: str, lora: Lora, dialect: str = "aitoolkit") -> str:
-        formats.write_lora(lora, folder / name, dialect)
+        writing.write_lora(lora, folder / name, dialect)
         return name
 
     write.folder = folder
@@ -287,7 +287,7 @@ def test_same_model_output_as_diffusers_loader(loras):
 
 def test_zero_block_equals_deleted_keys(base, loras):
     name = loras("blocks.safetensors", lora_for(9), "aitoolkit")
-    sd, meta = formats.lora_to_state_dict(formats.read_lora(loras.folder / name, spec=SPEC), "aitoolkit")
+    sd, meta = writing.lora_to_state_dict(formats.read_lora(loras.folder / name, spec=SPEC), "aitoolkit")
     kept = {k: v for k, v in sd.items() if ".layers.1." not in k and ".noise_refiner.0." not in k}
     assert len(kept) < len(sd)
     safetensors.torch.save_file(kept, str(loras.folder / "blocks_deleted.safetensors"), metadata=meta)
@@ -348,7 +348,7 @@ def test_refuses_other_models_and_sizes(base, loras):
         patching.model_spec(NotZImage())
     big = random_lora(2, ZitSpec(dim=512, n_layers=2, n_refiner_layers=2, n_heads=4, cap_feat_dim=32),
                       keys=[("L00", "w2")])
-    formats.write_lora(big, loras.folder / "big.safetensors")
+    writing.write_lora(big, loras.folder / "big.safetensors")
     with pytest.raises(ZitError, match="layers.0.feed_forward.w2"):
         adapters.ZITTrainingAdapterAttach.execute(base, "big.safetensors", 1.0)
 

@@ -234,7 +234,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .formats import write_lora
+    from .writing import write_lora
 
     _check_options(args)
     out = _output(args, [args.input])
@@ -247,7 +247,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     from .blocks import apply_weights, resolve
-    from .formats import write_lora
+    from .writing import write_lora
 
     _check_ratios([args.ratio])
     _check_options(args)
@@ -277,8 +277,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..errors import ZitError
     from .any_file import TARGET_HINT, file_is_lycoris
     from .blocks import resolve
-    from .formats import write_lora
     from .merge import merge_exact, merge_svd
+    from .writing import write_lora
 
     n = len(args.inputs)
     _check_ratios(args.ratio)

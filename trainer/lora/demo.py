@@ -12,9 +12,9 @@ def run_demo(out: str | Path = "demo_output", overwrite: bool = False) -> None:
     """Write demo LoRAs under `out`, then inspect, convert, scale and merge them with the `lora` commands
     (`overwrite`: replace the files of an earlier demo in `out`)."""
     from .commands import lora_parser
-    from .formats import write_lora
     from .spec import ATTENTION, BASE, ZIT
     from .synth import random_lora
+    from .writing import write_lora
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

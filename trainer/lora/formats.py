@@ -1,4 +1,4 @@
-"""ZIT LoRA file dialects <-> the canonical `Lora`: detect, read, write, and refuse what we cannot read.
+"""ZIT LoRA file dialects -> the canonical `Lora`: detect, read, refuse the unreadable (see `writing`).
 
 One table (`_LAYOUTS`) says how each dialect spells a module: prefix, dotted or kohya-underscored names,
 diffusers (split q/k/v) or ComfyUI (fused qkv) layout, and the A/B suffixes. One table (`_names`) maps every
@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..files import atomic_write, open_error
-from .canonical import Lora, LoraError, LoraModule, all_finite
+from ..files import open_error
+from .canonical import Lora, LoraError, LoraModule
 from .spec import (
     BASE_MODULES,
     COMFY_SUFFIX,
@@ -245,25 +244,6 @@ def _split_qkv(a: torch.Tensor, b: torch.Tensor, dim: int) -> dict[str, LoraModu
     return out
 
 
-def _fuse_qkv(parts: dict[str, LoraModule], dim: int) -> LoraModule:
-    """One fused qkv module with dW slices equal to the given q/k/v modules (missing ones: zero rows)."""
-    dtype = functools.reduce(torch.promote_types, (t.dtype for m in parts.values() for t in (m.a, m.b)))
-    first = next(iter(parts.values())).a.to(dtype)
-    if all(torch.equal(m.a.to(dtype), first) for m in parts.values()):
-        a = first
-        b = torch.zeros(3 * dim, a.shape[0], dtype=dtype)
-        for c, m in parts.items():
-            b[QKV_SLICE[c] * dim:(QKV_SLICE[c] + 1) * dim] = m.b.to(dtype)
-        return LoraModule(a, b)
-    a = torch.cat([m.a.to(dtype) for m in parts.values()])
-    b = torch.zeros(3 * dim, a.shape[0], dtype=dtype)
-    col = 0
-    for c, m in parts.items():
-        b[QKV_SLICE[c] * dim:(QKV_SLICE[c] + 1) * dim, col:col + m.rank] = m.b.to(dtype)
-        col += m.rank
-    return LoraModule(a, b)
-
-
 def _group(sd: Mapping[str, torch.Tensor], layout: _Layout, spec: ZitSpec,
            source: str) -> dict[ModuleKey, dict[str, str]]:
     """Target module -> {role: tensor name}, with every key resolved through the name table."""
@@ -388,120 +368,3 @@ def read_lora(path: str | os.PathLike, dialect: str | None = None, spec: ZitSpec
         except (OSError, ValueError) as e:
             raise LoraError(f"{cfg_path}: unreadable adapter config: {e}") from e
     return lora_from_state_dict(sd, metadata, dialect, spec, source=str(path), peft_config=peft_config)
-
-
-def _peft_metadata(lora: Lora) -> dict[str, object]:
-    """diffusers pipeline `lora_adapter_metadata` (transformer.-prefixed LoraConfig) for alpha = rank."""
-    ranks = {diffusers_name(k): m.rank for k, m in lora.modules.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {f"^{name}": rank for name, rank in ranks.items() if rank != r}
-    cfg = {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-           "target_modules": sorted(ranks), "use_rslora": False, "bias": "none"}
-    return {f"transformer.{k}": v for k, v in cfg.items()}
-
-
-def _entries(lora: Lora, fused: bool) -> list[tuple[str, LoraModule]]:
-    """(dotted module name, module) to write; with `fused`, each block's q/k/v become one qkv module."""
-    entries: list[tuple[str, LoraModule]] = []
-    done: set[str] = set()
-    for key, m in lora.modules.items():
-        if not (fused and key[1] in QKV_SLICE):
-            entries.append((_write_name(key, fused), m))
-        elif key[0] not in done:
-            done.add(key[0])
-            parts = {c: lora.modules[(key[0], c)] for c in QKV_SLICE if (key[0], c) in lora.modules}
-            entries.append((_write_name((key[0], QKV), True), _fuse_qkv(parts, lora.spec.dim)))
-    return entries
-
-
-def _metadata_str(value: object) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-
-
-def _not_finite(module: str, source: torch.Tensor, dtype: torch.dtype) -> str:
-    """Why a module cannot be written: Inf/NaN already in it, or values too large for the output dtype."""
-    name = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-    if not all_finite(source.detach()):
-        return (f"module {module!r}: its weights are not finite (Inf/NaN), e.g. after scaling by too large a "
-                "ratio; nothing written")
-    peak = float(source.detach().abs().max())
-    return (f"module {module!r}: a value of {peak:.4g} does not fit {name} (largest "
-            f"{torch.finfo(dtype).max:.4g}); write it as bf16 or fp32, or scale it down; nothing written")
-
-
-def lora_to_state_dict(
-    lora: Lora, dialect: str = "aitoolkit", dtype: torch.dtype | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict and safetensors metadata of `lora` in `dialect` (alpha = rank where it has alphas);
-    LoraError naming the module when a value is not finite or does not fit `dtype` (no Inf/NaN is written)."""
-    if dialect not in _LAYOUTS:
-        raise LoraError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
-    if not lora.modules:
-        raise LoraError("LoRA has no modules: nothing to write")
-    lora.validate("LoRA to write", values=False)  # values were checked where they entered (read_lora)
-    layout = _LAYOUTS[dialect]
-    sd: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-
-    def put(key: str, t: torch.Tensor, module: str) -> None:
-        cast = t.detach().to("cpu", dtype or t.dtype).contiguous()
-        if cast.is_floating_point() and not all_finite(cast):
-            raise LoraError(_not_finite(module, t, cast.dtype))
-        if cast.data_ptr() in seen:  # safetensors refuses tensors that share memory
-            cast = cast.clone()
-        seen.add(cast.data_ptr())
-        sd[key] = cast
-
-    for name, m in _entries(lora, layout.fused):
-        base = layout.prefix + (name.replace(".", "_") if layout.underscore else name)
-        put(base + layout.a, m.a, name)
-        put(base + layout.b, m.b, name)
-        if layout.alpha:
-            sd[base + ".alpha"] = torch.tensor(float(m.rank))
-    metadata = {k: _metadata_str(v) for k, v in lora.metadata.items() if k not in _RESERVED}
-    metadata[META_FORMAT] = dialect
-    metadata[META_SPEC] = json.dumps(lora.spec.to_dict())
-    if dialect == "diffusers":
-        metadata[PEFT_META] = json.dumps(_peft_metadata(lora), sort_keys=True)
-    return sd, metadata
-
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def write_lora(
-    lora: Lora,
-    path: str | os.PathLike,
-    dialect: str = "aitoolkit",
-    dtype: torch.dtype | str | None = None,
-    metadata: Mapping[str, object] | None = None,
-) -> Path:
-    """Write `lora` to a .safetensors file in `dialect` atomically (temp file + rename); returns the path."""
-    path = Path(path)
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise LoraError(f"{path}: unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    try:
-        sd, meta = lora_to_state_dict(lora, dialect, dtype)
-    except LoraError as e:
-        raise LoraError(f"{path}: {e}") from None
-    extra = {k: _metadata_str(v) for k, v in (metadata or {}).items() if k not in _RESERVED}
-    meta = {**meta, **extra}
-    def save(tmp: Path) -> None:
-        # Create the temp file ourselves so it gets open()'s mode (0o666 minus the umask), then keep that
-        # mode: safetensors may recreate the file as 0o600, which would hide it from other users.
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        mode = os.stat(tmp).st_mode & 0o777
-        safetensors.torch.save_file(sd, tmp, metadata=meta)
-        os.chmod(tmp, mode)
-
-    try:
-        atomic_write(path, save)
-    except (OSError, RuntimeError, ValueError, safetensors.SafetensorError) as e:
-        raise LoraError(f"{path}: could not write the LoRA: {e}") from e
-    return path

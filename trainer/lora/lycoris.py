@@ -29,6 +29,7 @@ from pathlib import Path
 import safetensors
 import torch
 
+from ..files import open_error
 from .canonical import Lora, LoraError, LoraModule, all_finite
 from .formats import _RESERVED, QKV, _spec_from_metadata
 from .inspect import frobenius_norm
@@ -72,8 +73,8 @@ def _file_store(path: Path) -> tuple[_Store, dict[str, str]]:
             slices = {k: f.get_slice(k) for k in f.keys()}
             shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
             floating = {k: s.get_dtype().startswith(("F", "BF")) for k, s in slices.items()}
-    except FileNotFoundError as e:
-        raise LoraError(f"{path}: no such file") from e
+    except FileNotFoundError as e:  # safetensors says this for a file it may not open too
+        raise LoraError(f"{path}: {open_error(path) or 'no such file'}") from e
     except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise LoraError(f"{path}: not a readable .safetensors file (truncated or another format): {e}") from e
     return _Store(shapes, floating, get), metadata
