@@ -33,11 +33,11 @@ from trainer.memory import (
     choose_plan,
     dequant_workspace,
     estimate,
-    format_plan_table,
     free_vram,
     parse_vram,
 )
 from trainer.memory_activations import ActivationSetup, activation_peak, saved_bytes
+from trainer.memory_report import format_plan_table
 from trainer.memory_terms import model_shapes, quantized_weight_bytes, weight_bytes
 from trainer.model import attach_frozen_adapter, build_transformer, inject_lora, predict_velocity
 from trainer.model.quantize import quantize_transformer_fp8

@@ -167,7 +167,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.text_tokens < 1:
         raise ZitError(f"--text-tokens {args.text_tokens}: must be >= 1")
-    from . import memory
+    from . import memory, memory_report
 
     # bad sizes are refused before the transformer's headers are read
     cards = [(c.strip(), memory.parse_vram(c.strip(), "--card")) for c in (args.card or "").split(",") if c]
@@ -179,12 +179,12 @@ def _run_plan(args: argparse.Namespace) -> int:
         budget, source = None, "free on the GPU"
     spec = memory.transformer_spec(cfg)
     if cards:
-        print(memory.card_report(cfg, spec, cards, text_tokens=args.text_tokens))
+        print(memory_report.card_report(cfg, spec, cards, text_tokens=args.text_tokens))
         return 0
     if budget is None:
         budget = memory.free_vram("cuda")
     try:
-        print(memory.plan_report(cfg, spec, budget, source, text_tokens=args.text_tokens))
+        print(memory_report.plan_report(cfg, spec, budget, source, text_tokens=args.text_tokens))
     except memory.MemoryPlanError as exc:
         print(exc.report)  # the table of what was tried; main prints the one-line error
         raise

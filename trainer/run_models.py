@@ -28,11 +28,11 @@ from .memory import (
     MemoryEstimate,
     MemoryPlan,
     choose_plan,
-    format_plan_table,
     free_vram,
     parse_vram,
     transformer_spec,
 )
+from .memory_report import format_plan_table
 from .model import load_text_encoder, load_transformer, load_vae
 from .model.quantize import quantize_transformer
 from .model.text_encoder import COMFYUI_TOKENIZER, comfyui_tokenizer
