@@ -232,7 +232,7 @@ def test_import_time_added_to_startup(comfyui_root: Path, tmp_path: Path):
 
 
 def shrink_for_cpu(prompt: dict) -> dict:
-    """The same graph with KSampler and training steps and image sizes cut to what a CPU test can afford."""
+    """The graph with KSampler, training and teacher steps and image sizes cut to what a CPU test affords."""
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "KSampler":
@@ -241,6 +241,9 @@ def shrink_for_cpu(prompt: dict) -> dict:
             inputs["resolutions"] = str(CPU_SIDE)
         if node["class_type"] == "ZITTrain":
             inputs.update(steps=min(inputs["steps"], CPU_STEPS), preview_every=0)
+            if inputs["turbo"] == "distill":  # the fewest teacher passes: one 8-step trajectory per caption
+                fewest = "[turbo]\nteacher_steps = 8\nteacher_seeds = 1\n"
+                inputs["advanced"] = fewest + inputs.get("advanced", "")
         if node["class_type"] in ("EmptySD3LatentImage", "EmptyLatentImage"):
             inputs.update(width=CPU_SIDE, height=CPU_SIDE)
     return prompt
