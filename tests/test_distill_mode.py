@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_loop import SIZE, assert_same_tensors, make_config, tensors
+from _loop_helpers import SIZE, assert_same_tensors, make_config, tensors
 
 from trainer.config import ConfigError
 from trainer.demo import make_adapter, make_dataset
