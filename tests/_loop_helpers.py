@@ -74,6 +74,21 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+class Events:
+    """A job context that records events (the CLI and the ComfyUI job runner get the same ones)."""
+
+    stop_requested = False
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict]] = []
+
+    def emit(self, kind: str, **data) -> None:
+        self.seen.append((kind, data))
+
+    def of(self, kind: str) -> list[dict]:
+        return [d for k, d in self.seen if k == kind]
+
+
 class StopAfter:
     """A JobContext stand-in that asks to stop once `step` steps are done and records the events."""
 

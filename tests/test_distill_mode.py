@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _loop_helpers import SIZE, assert_same_tensors, make_config, tensors
+from _loop_helpers import SIZE, Events, assert_same_tensors, make_config, tensors
 
 from trainer.config import ConfigError
 from trainer.demo import make_adapter, make_dataset
@@ -71,21 +71,6 @@ def test_distill_resume_is_bitwise_identical(tmp_path, setup):
 def test_bad_distill_settings_are_refused_naming_the_field(tmp_path, setup, turbo, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         make_config(tmp_path, setup[0], turbo=turbo)
-
-
-class Events:
-    """A job context that records events (the CLI and the ComfyUI job runner get the same ones)."""
-
-    stop_requested = False
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, dict]] = []
-
-    def emit(self, kind: str, **data) -> None:
-        self.seen.append((kind, data))
-
-    def of(self, kind: str) -> list[dict]:
-        return [d for k, d in self.seen if k == kind]
 
 
 def test_distill_from_a_prompt_list_needs_no_images(tmp_path, setup):

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _loop_helpers import SIZE, make_config
+from _loop_helpers import SIZE, Events, make_config
 from PIL import Image
 from safetensors.torch import save_file
-from test_distill_mode import Events
 
 from trainer.config import ConfigError
 from trainer.demo import make_dataset
