@@ -78,6 +78,17 @@ def prepare(root: Path) -> None:
     comfy.cli_args.args.cpu = True
 
 
+def setup_or_skip() -> tuple[Path, types.ModuleType]:
+    """At a test module's top: (the ComfyUI checkout, the pack) after `setup`, or the whole module skipped
+    with the reason when there is no checkout. Imports of ComfyUI or the pack go below the call."""
+    root = find_comfyui()
+    if root is None:
+        import pytest
+
+        pytest.skip(skip_reason(), allow_module_level=True)
+    return root, setup(root)
+
+
 def setup(root: Path) -> types.ModuleType:
     """Import ComfyUI from `root` on the CPU and the pack under PACK; returns the pack module."""
     prepare(root)

@@ -12,16 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parent))
 import _comfy_inproc as host  # noqa: E402
 
-ROOT = host.find_comfyui()
-if ROOT is None:
-    pytest.skip(host.skip_reason(), allow_module_level=True)
-
-PACK = host.setup(ROOT)
+ROOT, PACK = host.setup_or_skip()  # ComfyUI on the CPU, the pack as zit_trainer_pack; imports below
 
 import torch  # noqa: E402
 from comfy.text_encoders.z_image import ZImageTokenizer  # noqa: E402

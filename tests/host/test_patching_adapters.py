@@ -17,11 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import _comfy_inproc as host  # noqa: E402
 
-ROOT = host.find_comfyui()
-if ROOT is None:
-    pytest.skip(host.skip_reason(), allow_module_level=True)
-
-host.setup(ROOT)  # ComfyUI on the CPU, the pack as zit_trainer_pack: before the imports below
+ROOT, PACK = host.setup_or_skip()  # ComfyUI on the CPU, the pack as zit_trainer_pack; imports below
 
 import torch  # noqa: E402
 from _patching_helpers import (  # noqa: E402
