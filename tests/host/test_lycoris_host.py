@@ -30,23 +30,15 @@ import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
+from _patching_helpers import KEYS, SPEC  # noqa: E402  (the toy model's spec; its modules ComfyUI patches)
+from _patching_helpers import _like_comfyui as _like_comfyui  # a fixture (autouse here)  # noqa: E402
 from zit_trainer_pack.nodes import adapters, lora_nodes, patching  # noqa: E402
 from zit_trainer_pack.trainer.errors import ZitError  # noqa: E402
 from zit_trainer_pack.trainer.lora.lycoris import read_delta_file  # noqa: E402
 from zit_trainer_pack.trainer.lora.spec import QKV_SLICE, ZitSpec, comfy_name, diffusers_name  # noqa: E402
 
-SPEC = ZitSpec(dim=256, n_layers=2, n_refiner_layers=2, n_heads=2, cap_feat_dim=32, in_channels=16)
-# Every module ComfyUI's toy NextDiT has at the file's shape (its t_embedder is narrower below dim 1024).
-KEYS = [k for k in SPEC.module_keys() if not k[1].startswith("t_embedder")]
 PRODUCERS = ("aitoolkit", "comfy", "lycoris", "musubi")
 KINDS = ("lokr", "loha", "full")
-
-
-@pytest.fixture(autouse=True)
-def _like_comfyui():
-    """Nodes execute under torch.inference_mode() in ComfyUI; so do these tests."""
-    with torch.inference_mode():
-        yield
 
 
 @pytest.fixture(scope="module")
