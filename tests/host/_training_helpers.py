@@ -119,20 +119,22 @@ def events(comfy: ComfyClient) -> Iterator[Events]:
 
 def train_prompt(name: str, steps: int = LONG, wait: bool = False, turbo: str = "adapter",
                  adapter: str = ADAPTER, advanced: str = ADVANCED, prompts: str = "a red circle",
-                 model: list | None = None) -> dict:
-    """Load the tiny files, encode the dataset at 64 px, train rank 4 (saves and previews every 2 steps)."""
+                 model: list | None = None, dataset: str = DATASET, every: int = 2) -> dict:
+    """Load the tiny files, encode `dataset` (a folder under input/) at 64 px, train rank 4 (saves and
+    previews every `every` steps)."""
     return {
         "u": {"class_type": "UNETLoader", "inputs": {"unet_name": UNET, "weight_dtype": "default"}},
         "c": {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP, "type": "lumina2"}},
         "v": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
         "d": {"class_type": "ZITDataset", "inputs": {
-            "folder": DATASET, "clip": ["c", 0], "vae": ["v", 0], "resolutions": str(SIDE), "trigger": "zqx",
+            "folder": dataset, "clip": ["c", 0], "vae": ["v", 0], "resolutions": str(SIDE), "trigger": "zqx",
             "caption": "", "missing_caption": "error", "caption_ext": ".txt", "recursive": False,
             "min_side": 256, "bad_image": "skip"}},
         "t": {"class_type": "ZITTrain", "inputs": {
             "model": model or ["u", 0], "dataset": ["d", 0], "name": name, "turbo": turbo, "adapter": adapter,
             "steps": steps, "learning_rate": 1e-3, "rank": 4, "optimizer": "adamw", "batch_size": 1,
-            "gradient_checkpointing": True, "save_every": 2, "preview_prompts": prompts, "preview_every": 2,
+            "gradient_checkpointing": True, "save_every": every, "preview_prompts": prompts,
+            "preview_every": every,
             "seed": 7, "wait": wait, "resume": False, "advanced": advanced}},
     }
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 from _cdp import Browser, BrowserError, Page, find_chromium
-from conftest import CLIP, UNET, VAE, WORKFLOWS, ComfyClient
+from _training_helpers import train_prompt as training_prompt
+from conftest import WORKFLOWS, ComfyClient
 
 from trainer.demo import make_dataset
 from trainer.lora.blocks import resolve
@@ -241,7 +242,6 @@ CHART_PIXELS = f"""(() => {{
 }})()"""
 RUN = "zit_browser_panel"
 DATASET = "zit_browser_dataset"  # under the server's input/ folder
-SIDE = 64
 ADVANCED = ("[preview]\nwidth = 64\nheight = 64\nturbo_steps = 2\nhealth_every = 3\nhealth_size = 32\n\n"
             "[save]\nkeep_last = 0\n")
 HEALTH = "document.querySelector('.zit-health-chart')"
@@ -250,20 +250,8 @@ STEPS = 200  # the test stops the job from the panel long before
 
 def train_prompt() -> dict:
     """The tiny files -> ZIT Dataset (64 px) -> ZIT Train (rank 4, sft; previews and saves every 3 steps)."""
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": UNET, "weight_dtype": "default"}},
-        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP, "type": "lumina2"}},
-        "3": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
-        "4": {"class_type": "ZITDataset", "inputs": {
-            "folder": DATASET, "clip": ["2", 0], "vae": ["3", 0], "resolutions": str(SIDE), "trigger": "zqx",
-            "caption": "", "missing_caption": "error", "caption_ext": ".txt", "recursive": False,
-            "min_side": 256, "bad_image": "skip"}},
-        "5": {"class_type": "ZITTrain", "inputs": {
-            "model": ["1", 0], "dataset": ["4", 0], "name": RUN, "turbo": "sft", "adapter": "none",
-            "steps": STEPS, "learning_rate": 1e-3, "rank": 4, "optimizer": "adamw", "batch_size": 1,
-            "gradient_checkpointing": True, "save_every": 3, "preview_prompts": "a red circle",
-            "preview_every": 3, "seed": 7, "wait": False, "resume": False, "advanced": ADVANCED}},
-    }
+    return training_prompt(RUN, steps=STEPS, turbo="sft", adapter="none", advanced=ADVANCED, dataset=DATASET,
+                           every=3)
 
 
 def jobs_running(comfy: ComfyClient) -> list[dict]:
