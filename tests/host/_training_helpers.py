@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import CLIP, DATASET, LORAS, UNET, VAE, ComfyClient
+from _tiny_models import CLIP, LORAS, UNET, VAE
+from conftest import DATASET, ComfyClient
 
 ADAPTER = "zimage_turbo_training_adapter_v2.safetensors"
 assert ADAPTER in LORAS

@@ -32,7 +32,8 @@ for entry in (str(REPO), str(HOST_DIR)):
 
 import _comfy_inproc as inproc  # noqa: E402
 from _cdp import Browser, BrowserError, Page, find_chromium  # noqa: E402
-from conftest import DATASET, WORKFLOWS, start_server, stop_server, write_tiny_models  # noqa: E402
+from _tiny_models import write_tiny_models  # noqa: E402
+from conftest import DATASET, WORKFLOWS, start_server, stop_server  # noqa: E402
 from test_browser import SETTINGS, open_app, post_json  # noqa: E402
 
 OUT = REPO / "docs" / "workflows"

@@ -14,15 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from _tiny_models import CLIP, DIFFUSERS, NOT_ZIT, UNET, VAE
 from conftest import (
-    CLIP,
-    DIFFUSERS,
     HOST_DIR,
-    NOT_ZIT,
     REPO,
     REPORT,
-    UNET,
-    VAE,
     WORKFLOWS,
     ComfyClient,
     PromptError,

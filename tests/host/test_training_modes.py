@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from _tiny_models import UNET_FP8
 from _training_helpers import ADVANCED, Events, call, get, job, sample_prompt, train_prompt, until
 from _training_helpers import events as events  # a fixture (module-scoped here)
-from conftest import UNET_FP8, ComfyClient
+from conftest import ComfyClient
 
 
 def test_wait_blocks_with_progress_and_cancel_stops_the_job_after_saving(comfy: ComfyClient, base_dir: Path):
