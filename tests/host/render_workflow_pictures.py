@@ -3,7 +3,7 @@
     COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python tests/host/render_workflow_pictures.py [STEM ...]
 
 Not a test (pytest does not collect this file). It reuses the host tests' helpers: the tiny Z-Image files of
-conftest.py under the names the workflows use, a real ComfyUI started headless (--cpu) with this pack, and
+_tiny_models.py under the names the workflows use, a real ComfyUI started headless (--cpu) with this pack, and
 headless Chromium over the DevTools protocol (_cdp.py) on ComfyUI's own frontend. Each workflow is loaded with
 app.loadGraphData; any dialog the frontend opens (missing models, missing nodes) is reported and closed; the
 frontend goes to focus mode (menus and side bars hidden) and fits the canvas to the graph (its "Fit view",
