@@ -340,16 +340,25 @@ def lora_from_state_dict(
     return Lora(ordered, {**kept, META_FORMAT: dialect}, spec)
 
 
+SAFETENSORS_ERRORS = (safetensors.SafetensorError, OSError, RuntimeError, ValueError)
+
+
+def unreadable(path: Path, exc: Exception) -> LoraError:
+    """The one-line error for a safetensors file that failed to open: missing, permission denied, or not
+    a safetensors file (safetensors raises FileNotFoundError for a file it may not open too)."""
+    if isinstance(exc, FileNotFoundError):
+        return LoraError(f"{path}: {open_error(path) or 'no such file'}")
+    return LoraError(f"{path}: not a readable .safetensors file (truncated or another format): {exc}")
+
+
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of a safetensors file; LoraError (naming the file) on any failure."""
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    except FileNotFoundError as e:  # safetensors says this for a file it may not open too
-        raise LoraError(f"{path}: {open_error(path) or 'no such file'}") from e
-    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise LoraError(f"{path}: not a readable .safetensors file (truncated or another format): {e}") from e
+    except SAFETENSORS_ERRORS as e:
+        raise unreadable(path, e) from e
 
 
 def read_lora(path: str | os.PathLike, dialect: str | None = None, spec: ZitSpec | None = None) -> Lora:

@@ -29,9 +29,8 @@ from pathlib import Path
 import safetensors
 import torch
 
-from ..files import open_error
 from .canonical import Lora, LoraError, LoraModule, all_finite
-from .formats import _RESERVED, QKV, _spec_from_metadata
+from .formats import _RESERVED, QKV, SAFETENSORS_ERRORS, _spec_from_metadata, unreadable
 from .inspect import frobenius_norm
 from .lycoris_keys import KINDS, check_group, group_keys, is_lycoris
 from .merge import _kept_rank, factor_svd
@@ -64,7 +63,7 @@ def _file_store(path: Path) -> tuple[_Store, dict[str, str]]:
         try:
             with safetensors.safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in keys}
-        except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as e:
+        except SAFETENSORS_ERRORS as e:
             raise LoraError(f"{path}: could not read tensors {keys}: {e}") from e
 
     try:
@@ -73,10 +72,8 @@ def _file_store(path: Path) -> tuple[_Store, dict[str, str]]:
             slices = {k: f.get_slice(k) for k in f.keys()}
             shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
             floating = {k: s.get_dtype().startswith(("F", "BF")) for k, s in slices.items()}
-    except FileNotFoundError as e:  # safetensors says this for a file it may not open too
-        raise LoraError(f"{path}: {open_error(path) or 'no such file'}") from e
-    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise LoraError(f"{path}: not a readable .safetensors file (truncated or another format): {e}") from e
+    except SAFETENSORS_ERRORS as e:
+        raise unreadable(path, e) from e
     return _Store(shapes, floating, get), metadata
 
 
